@@ -1,0 +1,6 @@
+"""`python -m minilora ...` is the same as the `minilora` command."""
+import sys
+
+from minilora.cli import main
+
+sys.exit(main())

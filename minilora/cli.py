@@ -1,0 +1,51 @@
+"""The `minilora` command: one subcommand per piece of the course, each implemented by its own module's main(argv).
+
+    minilora demo [--quick] [--sweep-rank]   pretrained base -> full / LoRA / QLoRA fine-tunes, one table
+    minilora pretrain                        train the tiny base model on CPython's docs
+    minilora sample                          text from the base and from a fine-tuned adapter
+    minilora quantize-report                 error and bits/param of every quantization scheme
+    minilora memory --model llama-65b ...    memory calculator (LoRA and QLoRA papers' numbers)
+    minilora paged-sim [--json]              paged optimizer surviving a long-sequence memory spike
+    minilora figures                         regenerate every figure in figures/
+
+Subcommand modules are imported only when used, so `minilora memory` starts fast.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("minilora.demo", "main", "fine-tune the shipped base full / LoRA / QLoRA and print the comparison"),
+    "pretrain": ("minilora.pretrain", "main", "pretrain the tiny base GPT on CPython's documentation"),
+    "sample": ("minilora.demo", "sample_main", "generate text from the base and from a fine-tuned adapter"),
+    "quantize-report": ("minilora.quant.report", "main", "quantization error and bits/param per scheme"),
+    "memory": ("minilora.memory", "main", "memory calculator for LoRA / QLoRA at real model sizes"),
+    "paged-sim": ("minilora.optim.paged_sim", "main", "simulate a long-sequence spike with and without paging"),
+    "figures": ("minilora.figures", "main", "regenerate every figure in figures/"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: minilora <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`minilora <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"minilora: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    rc = getattr(importlib.import_module(module), func)(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
