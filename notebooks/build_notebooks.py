@@ -1,0 +1,97 @@
+"""Build the course notebooks from their sources and execute them, so the committed .ipynb files keep their outputs.
+
+Each notebook is written as a plain Python file in notebooks/src/NN_name.py, in the "percent" format that jupytext
+and VS Code understand: a line `# %%` starts a code cell, `# %% [markdown]` starts a markdown cell whose lines are
+comments (`# ` is stripped). Plain files diff and review well; the .ipynb files are generated from them.
+
+    python notebooks/build_notebooks.py              # build and execute all notebooks
+    python notebooks/build_notebooks.py 03 05        # only these (by number or name)
+    python notebooks/build_notebooks.py --no-exec    # write the .ipynb files without running them
+
+Execution uses nbclient in a fresh kernel with notebooks/ as the working directory (the same as tests/test_notebooks.py),
+and prints each notebook's wall time. Volatile metadata (timings, kernel ids) is not stored, so a rebuild of an
+unchanged source only changes outputs that really changed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import nbformat
+
+HERE = pathlib.Path(__file__).resolve().parent
+SRC = HERE / "src"
+
+
+def parse_percent(text: str) -> list:
+    """Split a percent-format source into nbformat cells."""
+    cells, kind, lines = [], None, []
+
+    def flush():
+        if kind is None:
+            return
+        body = "\n".join(lines).strip("\n")
+        if not body.strip():
+            return
+        if kind == "markdown":
+            md = [ln[2:] if ln.startswith("# ") else ln[1:] if ln.startswith("#") else ln for ln in body.split("\n")]
+            cells.append(nbformat.v4.new_markdown_cell("\n".join(md)))
+        else:
+            cells.append(nbformat.v4.new_code_cell(body))
+
+    for line in text.split("\n"):
+        if line.startswith("# %%"):
+            flush()
+            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        elif kind is not None:
+            lines.append(line)
+    flush()
+    return cells
+
+
+def build(src: pathlib.Path, execute: bool = True) -> float:
+    """Write notebooks/<src.stem>.ipynb from src, executed unless execute=False; returns the execution time (s)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = parse_percent(src.read_text(encoding="utf-8"))
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                   "language_info": {"name": "python"}}
+    elapsed = 0.0
+    if execute:
+        import nbclient  # noqa: PLC0415 - only needed when executing
+        t0 = time.perf_counter()
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", record_timing=False,
+                                resources={"metadata": {"path": str(HERE)}}).execute()
+        elapsed = time.perf_counter() - t0
+        nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                       "language_info": {"name": "python"}}
+    for i, cell in enumerate(nb.cells):           # stable ids keep diffs small between rebuilds
+        cell["id"] = f"c{i:03d}"
+        cell.metadata = {}
+    out = HERE / f"{src.stem}.ipynb"
+    nbformat.write(nb, out)
+    return elapsed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("only", nargs="*", help="notebook numbers or names to build (default: all)")
+    p.add_argument("--no-exec", action="store_true", help="write the notebooks without executing them")
+    args = p.parse_args(argv)
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # inline PNGs, even under CI's Agg
+    sources = sorted(SRC.glob("[0-9][0-9]_*.py"))
+    if args.only:
+        sources = [s for s in sources if any(s.stem.startswith(o) or o in s.stem for o in args.only)]
+    if not sources:
+        print("nothing to build", file=sys.stderr)
+        return 2
+    for s in sources:
+        t = build(s, execute=not args.no_exec)
+        print(f"{s.stem + '.ipynb':<32} {t:6.1f} s" if not args.no_exec else f"{s.stem}.ipynb written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+# %% [markdown]
+# # 01 · LoRA from scratch: rank, low-rank factorisation and $\Delta W = BA$
+#
+# LoRA (Hu et al., 2021) fine-tunes a big frozen weight matrix $W_0$ by learning a *small* update
+# $\Delta W = BA$ whose rank is at most $r$. This notebook builds the idea from the ground up:
+#
+# 1. what rank means, on a 4×4 matrix that is secretly a 4×1 times a 1×4;
+# 2. how well a truncated SVD approximates a matrix, and what the error is;
+# 3. the LoRA forward pass $y = xW_0^\top + s\,(xA^\top)B^\top$ and its shapes (PEFT's layout);
+# 4. how many parameters that saves, from a 512×64 layer up to a 180B model;
+# 5. why $B$ starts at zero.
+#
+# Everything runs on NumPy in a few seconds.
+
+# %%
+%matplotlib inline
+import platform
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+import minilora
+
+print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
+      f"| minilora {minilora.__version__} | backend {minilora.get_backend()}")
+rng = np.random.default_rng(0)          # every random number in this notebook comes from here
+plt.rcParams["figure.dpi"] = 80
+
+# %% [markdown]
+# ## 1. Rank: a 4×4 matrix that is really 8 numbers
+#
+# The rank of a matrix is the number of linearly independent rows (equivalently, columns). The matrix below has
+# 16 entries, but every row is a multiple of the same row $v = [4, 1, 3, -3]$, so its rank is 1:
+#
+# $$W = u\,v^\top,\qquad u \in \mathbb{R}^{4\times 1},\; v^\top \in \mathbb{R}^{1\times 4}.$$
+
+# %%
+W = np.array([[-8, -2, -6, 6],
+              [-4, -1, -3, 3],
+              [28, 7, 21, -21],
+              [24, 6, 18, -18]])                       # (4, 4)
+print("rank(W) =", np.linalg.matrix_rank(W))
+
+# %% [markdown]
+# Recover the factors exactly: take $v^\top$ = the first row divided by its common factor, then each row's
+# multiple is $u_i = W_{i,0} / v_0$. The product must give back $W$ bit for bit (integers, no rounding).
+
+# %%
+v = W[0] // -2                                         # (4,)   first row is -2 * [4, 1, 3, -3]
+u = W[:, 0] // v[0]                                    # (4,)   each row's multiple of v
+print("u =", u, " v =", v)
+print("u (4x1) @ v (1x4) == W exactly:", np.array_equal(u[:, None] @ v[None, :], W))
+print(f"numbers stored: {W.size} -> {u.size + v.size}")
+
+# %% [markdown]
+# ## 2. Truncated SVD: the best rank-$k$ approximation and its error
+#
+# Any matrix has a singular value decomposition $W = U\Sigma V^\top$ with $\sigma_1 \ge \sigma_2 \ge \dots \ge 0$.
+# Keeping the top $k$ singular triplets gives $W_k = U_{:,:k}\Sigma_{:k}V_{:,:k}^\top$, and the Eckart–Young
+# theorem says no rank-$k$ matrix is closer. Its error is exactly the energy left out:
+#
+# $$\lVert W - W_k \rVert_F = \sqrt{\textstyle\sum_{i>k} \sigma_i^2}.$$
+#
+# First the 4×4 example: $\sigma_2 = \dots = 0$, so the rank-1 truncation is exact (up to float64 rounding).
+
+# %%
+U, S, Vt = np.linalg.svd(W.astype(np.float64))
+W1 = S[0] * np.outer(U[:, 0], Vt[0])                    # (4, 4) rank-1 truncation
+print("singular values:", np.round(S, 6))
+print(f"max |W - W_1| = {np.abs(W - W1).max():.2e}")
+
+# %% [markdown]
+# Now a realistic case. LoRA's hypothesis is that the *update* a fine-tune needs has a low "intrinsic rank":
+# a few directions carry most of it. We build a 256×128 matrix with a quickly decaying spectrum
+# (a rank-8 signal plus small noise) and, for contrast, a pure Gaussian matrix with no structure, then truncate both.
+
+# %%
+D_out, D_in = 256, 128
+signal = rng.standard_normal((D_out, 8)) @ rng.standard_normal((8, D_in))          # (256, 128) rank 8
+structured = signal + 0.1 * rng.standard_normal((D_out, D_in))                      # (256, 128)
+gaussian = rng.standard_normal((D_out, D_in))                                       # (256, 128)
+
+
+def truncation_errors(M, ks):
+    """Relative Frobenius error of the rank-k truncation, measured and from the singular values."""
+    U, S, Vt = np.linalg.svd(M, full_matrices=False)
+    measured = [np.linalg.norm(M - (U[:, :k] * S[:k]) @ Vt[:k]) / np.linalg.norm(M) for k in ks]
+    predicted = [np.sqrt(np.sum(S[k:] ** 2)) / np.sqrt(np.sum(S ** 2)) for k in ks]
+    return np.array(measured), np.array(predicted), S
+
+
+ks = [1, 2, 4, 8, 16, 32, 64, 128]
+err_s, pred_s, S_s = truncation_errors(structured, ks)
+err_g, pred_g, S_g = truncation_errors(gaussian, ks)
+print(" k   structured   gaussian")
+for k, a, b in zip(ks, err_s, err_g):
+    print(f"{k:3d}   {a:10.4f}   {b:8.4f}")
+print(f"Eckart-Young check, max |measured - predicted| = {max(np.abs(err_s - pred_s).max(), np.abs(err_g - pred_g).max()):.1e}")
+
+# %% [markdown]
+# The structured matrix is captured almost perfectly at $k = 8$ (what remains is the noise), while the Gaussian one
+# needs nearly all 128 directions. Low rank pays off exactly when the matrix *has* low-rank structure.
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+ax1.semilogy(S_s, label="rank-8 signal + noise")
+ax1.semilogy(S_g, label="Gaussian")
+ax1.set(title="singular values", xlabel="index i", ylabel=r"$\sigma_i$")
+ax1.legend()
+ax2.plot(ks, err_s, "o-", label="rank-8 signal + noise")
+ax2.plot(ks, err_g, "s-", label="Gaussian")
+ax2.set(xscale="log", title="rank-k truncation error", xlabel="k", ylabel=r"$\|W-W_k\|_F / \|W\|_F$")
+ax2.legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 3. The LoRA forward pass: $\Delta W = BA$, never formed
+#
+# PEFT stores the base weight torch-style, $W_0 \in \mathbb{R}^{D_{out}\times D_{in}}$, and the adapter as
+# $A \in \mathbb{R}^{r\times D_{in}}$ ("down") and $B \in \mathbb{R}^{D_{out}\times r}$ ("up"). With scaling
+# $s = \alpha / r$:
+#
+# $$y = x W_0^\top + s\,(x A^\top) B^\top = x\,(W_0 + s\,BA)^\top.$$
+#
+# The brackets matter: $h = xA^\top$ is only $(N, r)$, so the adapter costs $r(D_{in}+D_{out})$ multiply-adds per
+# row instead of $D_{in}D_{out}$, and the $(D_{out}, D_{in})$ matrix $\Delta W$ is never built.
+
+# %%
+N, D_in, D_out, r, alpha = 16, 64, 512, 8, 16
+s = alpha / r
+x = rng.standard_normal((N, D_in))                                   # (N, D_in)
+W0 = rng.standard_normal((D_out, D_in)) / np.sqrt(D_in)              # (D_out, D_in) frozen
+A = rng.uniform(-1 / np.sqrt(D_in), 1 / np.sqrt(D_in), (r, D_in))    # (r, D_in)   PEFT's kaiming-uniform bound
+B = rng.standard_normal((D_out, r)) * 0.01                           # (D_out, r)  pretend it was trained a little
+
+h = x @ A.T                                                          # (N, r)
+y_lora = x @ W0.T + s * (h @ B.T)                                    # (N, D_out)
+y_merged = x @ (W0 + s * B @ A).T                                    # (N, D_out)  the merged form
+print(f"max |two-matmul form - merged form| = {np.abs(y_lora - y_merged).max():.1e}")
+print("rank(BA) =", np.linalg.matrix_rank(B @ A), f"(<= r = {r}; the full matrix is {D_out}x{D_in})")
+print(f"multiply-adds per row: adapter {r * (D_in + D_out):,} vs dense dW {D_in * D_out:,}")
+
+# %% [markdown]
+# ## 4. Parameter counts
+#
+# A LoRA adapter on a $D_{out}\times D_{in}$ layer trains $r\,(D_{in} + D_{out})$ numbers instead of
+# $D_{in}D_{out}$. For the 512×64 layer at $r = 8$:
+
+# %%
+full = D_out * D_in
+lora = r * (D_in + D_out)
+print(f"full: {full:,} | LoRA r={r}: {lora:,} = A {A.size:,} + B {B.size:,} | {100 * (1 - lora / full):.0f} % fewer")
+
+# %% [markdown]
+# Scale it up. Pretend a whole model of $N$ parameters were one square $d\times d$ layer, $d = \sqrt{N}$. LoRA then
+# trains $2\,d\,r = 2\sqrt{N}\,r$ parameters. Even at $r = 8192$ (absurdly large) it is a few percent of the model.
+
+# %%
+def fmt(n):
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}" if n / div < 10 else f"{n / div:.0f} {unit}"
+    return f"{n:.0f}"
+
+
+sizes = {"7B": 7e9, "13B": 13e9, "70B": 70e9, "180B": 180e9}
+ranks = [1, 8, 512, 8192]
+print(f"{'model':>6} {'d = sqrt(N)':>12} " + " ".join(f"{'r=' + str(r_):>9}" for r_ in ranks))
+for name, n_params in sizes.items():
+    d = np.sqrt(n_params)
+    print(f"{name:>6} {d:12,.0f} " + " ".join(f"{fmt(2 * d * r_):>9}" for r_ in ranks))
+print(f"sanity: 7B at r=1 -> {2 * np.sqrt(7e9):,.0f} trainable parameters")
+
+# %% [markdown]
+# These are the seeds' table values (167 k … 7.0 B); the seeds round loosely in two cells (270 M for 270.9 M, 1.8 B
+# for 1.87 B). The point stands: even the largest rank trains a few percent of the parameters.
+
+# %% [markdown]
+# ## 5. Why $B$ starts at zero
+#
+# PEFT (and the paper) initialise $A$ randomly and $B = 0$. Then $\Delta W = BA = 0$: the adapted model starts
+# *exactly* as the pretrained one, so fine-tuning begins from the base model's quality, not from a perturbed one.
+#
+# The gradients (derived in notebook 05) with upstream gradient $\partial L/\partial y = dy$ are
+#
+# $$dB = s\,dy^\top (xA^\top),\qquad dA = s\,(dy\,B)^\top x .$$
+#
+# With $B = 0$, $dA = 0$ but $dB \ne 0$: the first step moves $B$, after which $A$ gets gradients too. If *both*
+# were zero, both gradients would be zero forever; if both were random, the model would start off its pretrained
+# output.
+
+# %%
+dy = rng.standard_normal((N, D_out))                                 # (N, D_out) upstream gradient
+
+
+def lora_grads(A, B):
+    h = x @ A.T                                                      # (N, r)
+    dB = s * dy.T @ h                                                # (D_out, r)
+    dA = s * (dy @ B).T @ x                                          # (r, D_in)
+    return np.abs(dA).max(), np.abs(dB).max()
+
+
+B0 = np.zeros((D_out, r))                                            # (D_out, r)
+y0 = x @ W0.T + s * (x @ A.T) @ B0.T                                 # (N, D_out)
+print(f"B = 0:        max |y - base| = {np.abs(y0 - x @ W0.T).max():.1f} | max|dA| = {lora_grads(A, B0)[0]:.3f}, "
+      f"max|dB| = {lora_grads(A, B0)[1]:.3f}")
+print(f"A = B = 0:    max|dA| = {lora_grads(0 * A, B0)[0]:.3f}, max|dB| = {lora_grads(0 * A, B0)[1]:.3f}  (stuck)")
+B_rand = rng.uniform(-1 / np.sqrt(r), 1 / np.sqrt(r), (D_out, r))   # (D_out, r)
+y_rand = x @ W0.T + s * (x @ A.T) @ B_rand.T                         # (N, D_out)
+print(f"both random:  max |y - base| = {np.abs(y_rand - x @ W0.T).max():.3f}  (the pretrained output is lost)")
+
+# %% [markdown]
+# **Takeaways.** A rank-$r$ update stores $r(D_{in}+D_{out})$ numbers; it is exact when the update really is low
+# rank and the truncation error is $\sqrt{\sum_{i>r}\sigma_i^2}$ otherwise; the adapter is applied as two thin
+# matmuls; and $B = 0$ makes the adapted model start exactly at the pretrained one. Next: shrinking the *frozen*
+# weights with quantization (notebooks 02–04).
