@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from minilora.backend import get_array_module
+from minilora.optim.optimizer import Optimizer, check_number
 
 
 def adamw_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
@@ -36,40 +37,27 @@ def adamw_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, e
     p -= p.dtype.type(lr / bias_correction1) * (m / denom)
 
 
-class AdamW:
-    """AdamW over a list of Parameters (objects with .data, .grad, .requires_grad).
+class AdamW(Optimizer):
+    """AdamW over Parameters or (name, Parameter) pairs; mirrors `torch.optim.AdamW` (and bnb's `AdamW32bit`).
 
-    States m, v are allocated lazily on the first step, only for parameters that require grad, so a frozen LoRA
-    base never costs optimizer memory. Parameters whose .grad is None are skipped (as in PyTorch)."""
+    States exp_avg (m) and exp_avg_sq (v), PyTorch's names, are allocated lazily on a parameter's first step and only
+    for parameters that require grad, so a frozen LoRA base never costs optimizer memory. Parameters whose .grad is
+    None are skipped, and each parameter counts its own steps for the bias correction (as in PyTorch)."""
+
+    hyperparams = ("lr", "betas", "eps", "weight_decay")
+    buffers = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        if lr < 0:
-            raise ValueError(f"invalid learning rate {lr}: must be >= 0")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}: each must be in [0, 1)")
-        if eps < 0 or weight_decay < 0:
-            raise ValueError(f"invalid eps {eps} or weight_decay {weight_decay}: must be >= 0")
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.step_count = 0
-        self.state = {}                                     # id(param) -> {"m": array, "v": array}
+        check_number("lr", lr)
+        betas = tuple(betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}: need two numbers, each in [0, 1)")
+        check_number("eps", eps)
+        check_number("weight_decay", weight_decay)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        super().__init__(params)
 
-    def _states(self, p):
-        st = self.state.get(id(p))
-        if st is None:
-            xp = get_array_module(p.data)
-            st = self.state[id(p)] = {"m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)}
-        return st["m"], st["v"]
-
-    def step(self):
-        self.step_count += 1
+    def update(self, p, g, state):
         b1, b2 = self.betas
-        for p in self.params:
-            if p.grad is None:
-                continue
-            m, v = self._states(p)
-            adamw_update(p.data, p.grad, m, v, self.step_count, self.lr, b1, b2, self.eps, self.weight_decay)
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
+        adamw_update(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"], self.lr, b1, b2, self.eps,
+                     self.weight_decay)

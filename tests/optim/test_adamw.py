@@ -1,0 +1,168 @@
+"""AdamW: the 20-step trajectory equals torch.optim.AdamW's; frozen parameters get no state; state_dict round trips."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minilora.nn.parameter import Parameter
+from minilora.optim import AdamW, adamw_update
+
+SHAPES = [(4, 3), (5,), (2, 3, 2)]
+
+
+def grad_sequence(rng, shapes, steps, dtype):
+    return [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
+
+
+def run_minilora(init, grads, xp, **kw):
+    params = [Parameter(xp.asarray(a.copy())) for a in init]
+    opt = AdamW(params, **kw)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = xp.asarray(g)
+        opt.step()
+    return [np.asarray(p.data.get() if hasattr(p.data, "get") else p.data) for p in params]
+
+
+def run_torch(torch, init, grads, **kw):
+    params = [torch.nn.Parameter(torch.tensor(a.copy())) for a in init]
+    opt = torch.optim.AdamW(params, foreach=False, **kw)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g)
+        opt.step()
+    return [p.detach().numpy() for p in params]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_trajectory_matches_torch(xp, dtype, rtol, weight_decay):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    grads = grad_sequence(rng, SHAPES, 20, dtype)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    ours = run_minilora(init, grads, xp, **kw)
+    ref = run_torch(torch, init, grads, **kw)
+    for a, b, a0 in zip(ours, ref, init):
+        assert a.dtype == dtype
+        assert not np.array_equal(a, a0)                      # it moved
+        # relative to the distance travelled, so a parameter near zero does not hide an error
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(a - a0).max())
+
+
+def test_first_step_by_hand():
+    # t=1: m = (1-b1) g, v = (1-b2) g², so the bias-corrected step is lr·g/(|g| + eps) = lr·sign(g) for large |g|
+    p = np.array([1.0, -2.0]); g = np.array([3.0, -4.0])
+    m, v = np.zeros(2), np.zeros(2)
+    adamw_update(p, g, m, v, 1, 0.1, 0.9, 0.999, 1e-8, 0.5)
+    expect = np.array([1.0, -2.0]) * (1 - 0.1 * 0.5) - 0.1 * np.array([3.0, -4.0]) / (np.array([3.0, 4.0]) + 1e-8)
+    np.testing.assert_allclose(p, expect, rtol=1e-14)
+    np.testing.assert_allclose(m, [0.3, -0.4], rtol=1e-14)
+    np.testing.assert_allclose(v, [0.009, 0.016], rtol=1e-12)
+
+
+def test_frozen_and_gradless_params_get_no_state():
+    frozen = Parameter(np.ones(3), requires_grad=False)
+    unused = Parameter(np.ones(2))
+    used = Parameter(np.ones(4))
+    opt = AdamW([("frozen", frozen), ("unused", unused), ("used", used)], lr=0.1)
+    assert [n for n, _ in opt.named_params] == ["unused", "used"]
+    frozen.grad = np.ones(3)          # even a stray gradient on a frozen parameter is ignored
+    used.grad = np.ones(4)
+    opt.step()
+    assert set(opt.state) == {"used"}
+    assert opt.state["used"]["step"] == 1
+    np.testing.assert_array_equal(frozen.data, np.ones(3))
+    np.testing.assert_array_equal(unused.data, np.ones(2))
+    assert not np.array_equal(used.data, np.ones(4))
+
+
+def test_per_parameter_step_counts_like_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    init = [rng.standard_normal(3), rng.standard_normal(3)]
+    ours = [Parameter(a.copy()) for a in init]
+    ref = [torch.nn.Parameter(torch.tensor(a.copy())) for a in init]
+    o1, o2 = AdamW(ours, lr=0.05), torch.optim.AdamW(ref, lr=0.05, foreach=False)
+    for t in range(6):
+        g = [rng.standard_normal(3), rng.standard_normal(3)]
+        for i in range(2):
+            skip = i == 1 and t < 3            # the second parameter gets its first gradient at t = 3
+            ours[i].grad = None if skip else g[i].copy()
+            ref[i].grad = None if skip else torch.tensor(g[i])
+        o1.step(); o2.step()
+    assert o1.state["1"]["step"] == 3 and o1.step_count == 6
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a.data, b.detach().numpy(), rtol=1e-12)
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(2)
+    init = {"a": rng.standard_normal((3, 2)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in init.items()} for _ in range(8)]
+
+    def make():
+        params = {k: Parameter(v.copy()) for k, v in init.items()}
+        return params, AdamW(list(params.items()), lr=3e-2, weight_decay=0.1)
+
+    def steps(params, opt, gs):
+        for g in gs:
+            for k in params:
+                params[k].grad = g[k].copy()
+            opt.step()
+
+    p1, o1 = make()
+    steps(p1, o1, grads)
+    p2, o2 = make()
+    steps(p2, o2, grads[:5])
+    sd = o2.state_dict()
+    p3, o3 = make()
+    for k in p3:
+        p3[k].data[...] = p2[k].data
+    o3.load_state_dict(sd)
+    assert o3.state["a"]["exp_avg"] is not sd["state"]["a"]["exp_avg"]    # copied, not aliased
+    steps(p3, o3, grads[5:])
+    for k in p1:
+        np.testing.assert_array_equal(p1[k].data, p3[k].data)              # bit-identical
+    assert o3.step_count == 8
+
+
+def test_load_state_dict_mismatch_errors():
+    opt = AdamW([("w", Parameter(np.zeros((2, 2))))])
+    opt.state = {"w": {"step": 1, "exp_avg": np.zeros((2, 2)), "exp_avg_sq": np.zeros((2, 2))}}
+    sd = opt.state_dict()
+    other = AdamW([("v", Parameter(np.zeros((2, 2))))])
+    with pytest.raises(ValueError, match="does not train.*'w'"):
+        other.load_state_dict(sd)
+    wrong = AdamW([("w", Parameter(np.zeros((3, 2))))])
+    with pytest.raises(ValueError, match="has shape"):
+        wrong.load_state_dict(sd)
+    with pytest.raises(ValueError, match="missing 'state'"):
+        opt.load_state_dict({"hyperparams": {}, "step_count": 0})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"), (dict(betas=(1.0, 0.999)), "betas"),
+    (dict(betas=(0.9, -0.1)), "betas"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay")])
+def test_bad_hyperparameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW([Parameter(np.zeros(2))], **kw)
+
+
+def test_not_a_parameter_is_a_type_error():
+    with pytest.raises(TypeError, match="expected a Parameter"):
+        AdamW([np.zeros(3)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(lr=st.floats(1e-4, 1.0), b1=st.floats(0.0, 0.99), b2=st.floats(0.0, 0.9999),
+       g=st.floats(-1e3, 1e3).filter(lambda x: abs(x) > 1e-3), step=st.integers(1, 50))
+def test_update_is_bounded_by_lr(lr, b1, b2, g, step):
+    # with zero initial moments and no weight decay, one Adam step never moves a parameter by more than
+    # lr·(1−β1)/√(1−β2)/(1−β1ᵗ)·√(1−β2ᵗ), which is lr on the first step: the step size is set by lr, not by |g|
+    p = np.zeros(1); m = np.zeros(1); v = np.zeros(1)
+    adamw_update(p, np.array([g]), m, v, step, lr, b1, b2, 1e-8, 0.0)
+    bound = lr * (1 - b1) / np.sqrt(1 - b2) / (1 - b1 ** step) * np.sqrt(1 - b2 ** step)
+    assert abs(p[0]) <= bound * (1 + 1e-12)
+    assert np.sign(p[0]) == -np.sign(g)
