@@ -1,0 +1,328 @@
+"""Memory calculator: every paper / seed number pinned to its source (test names say which).
+
+Sources: QLoRA = Dettmers et al. 2023, arXiv 2305.14314; LoRA = Hu et al. 2021, arXiv 2106.09685;
+"seeds" = the course brief's tables (issue 4). GB = 1e9 bytes, MiB = 2**20 bytes.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from minilora import memory
+from minilora.memory import (GB, MiB, ModelShape, activation_bytes, bits_per_param, estimate, lora_trainable_params,
+                             nf4_tensor_bytes, param_counts, rank1_factorize, square_layer_lora_params)
+
+
+# ------------------------------------------------------------------------------------------------ shapes and counts
+@pytest.mark.parametrize("name, expected", [          # parameter counts of the released LLaMA checkpoints
+    ("llama-7b", 6_738_415_616), ("llama-13b", 13_015_864_320),
+    ("llama-33b", 32_528_943_616), ("llama-65b", 65_285_660_672)])
+def test_llama_param_counts_match_released_checkpoints(name, expected):
+    assert param_counts(memory.MODELS[name])["total"] == expected
+
+
+def test_gpt3_175b_param_count_near_lora_table4():
+    # LoRA Table 4 lists full fine-tuning as 175,255.8M; our tied-embedding GPT-3 shape gives 174,604M (0.4 % less;
+    # the paper's exact count of embeddings/biases is not stated).
+    n = param_counts(memory.MODELS["gpt3-175b"])["total"]
+    assert n == 174_604_259_328
+    assert abs(n / 175_255.8e6 - 1) < 0.005
+
+
+def test_param_counts_by_hand_for_a_custom_shape():
+    sh = ModelShape("toy", n_layer=2, d_model=8, n_head=2, d_ff=16, vocab_size=10)
+    per_block = 4 * 8 * 8 + 3 * 8 * 16 + 2 * 8           # q,k,v,o + gate,up,down + 2 RMSNorms
+    assert param_counts(sh)["total"] == 2 * per_block + 8 + 10 * 8 * 2   # + final norm + embedding + lm_head
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA paper
+def test_qlora_sec1_llama65b_full_16bit_finetuning_needs_more_than_780GB():
+    # QLoRA §1: "> 780 GB". 12 B/param (bf16 W + bf16 grad + fp32 Adam m, v) x 65.29B = 783.4 GB before activations.
+    e = estimate("llama-65b", "full", include_activations=False)
+    assert e.total_bytes == 12 * 65_285_660_672
+    assert 780 * GB < e.total_bytes < 790 * GB
+    assert estimate("llama-65b", "full").total_bytes > 780 * GB            # activations only add
+
+
+def test_qlora_abstract_llama65b_qlora_fits_under_48GB():
+    # QLoRA abstract / §1: 65B on one 48 GB GPU, with qlora.py's recipe: r=64 on all linear layers, bf16 adapters,
+    # paged AdamW 32-bit (states counted on the GPU), gradient checkpointing; here seq 512, batch 1.
+    e = estimate("llama-65b", "qlora", r=64, targets="all-linear", seq_len=512, batch_size=1,
+                 gradient_checkpointing=True)
+    assert 44 * GB < e.total_bytes < 48 * GB                              # 45.02 GB
+    assert e.trainable_params == 799_539_200
+
+
+def test_qlora_sec3_double_quant_bits_per_param_and_3GB_saving_at_65B():
+    # QLoRA §3: 32/64 = 0.5 bits overhead -> 4.5; DQ: 8/64 + 32/(64*256) = 0.127 -> 4.127; saves 0.373 bits/param,
+    # "approximately 3 GB for a 65B model".
+    assert bits_per_param(64, double_quant=False) == 4.5
+    assert bits_per_param(64, double_quant=True, nested_blocksize=256) == 4.126953125
+    assert round(bits_per_param(double_quant=False) - bits_per_param(), 3) == 0.373
+    with_dq = estimate("llama-65b", "qlora", double_quant=True).breakdown["weights"]
+    without = estimate("llama-65b", "qlora", double_quant=False).breakdown["weights"]
+    assert 2.9 * GB < without - with_dq < 3.1 * GB                         # 3.02 GB (exact per-tensor counts)
+
+
+def test_quantization_md_65B_linear_weights_at_4127_bits_are_33_5GB():
+    e = estimate("llama-65b", "qlora")
+    nf4 = sum(n for c, what, n in e.details if c == "weights" and "embeddings" not in what)
+    # asymptotic 4.127 bits/param + per tensor (80 blocks x 7 linears) the NF4 table, offset and dynamic map
+    assert nf4 == 64_760_053_760 * 4.126953125 / 8 + 560 * (64 + 4 + 1024)
+    assert 33.3 * GB < nf4 < 33.5 * GB                                     # 33.41 GB
+
+
+def test_qlora_sec2_llama7b_4bit_base_about_5GB():
+    # QLoRA §2: "the 4-bit base model consumes 5,048 MB" (7B, measured on a GPU). Our count: NF4+DQ linears plus
+    # embeddings/norms/lm_head in fp32 as PEFT's prepare_model_for_kbit_training leaves them = 4,391 MB, i.e. 13 %
+    # below; with them in bf16 (qlora.py casts embeddings to bf16) 3,866 MB. The rest is what we do not model
+    # (CUDA context, allocator, buffers), so the tolerance is 0.85-0.90 of the paper's figure, pinned both ways.
+    fp32_rest = estimate("llama-7b", "qlora", upcast_non_quantized=True).breakdown["weights"]
+    bf16_rest = estimate("llama-7b", "qlora").breakdown["weights"]
+    assert 0.85 < fp32_rest / 5048e6 < 0.90
+    assert bf16_rest == fp32_rest - 2 * 262_410_240                       # only the 16-/32-bit part differs
+    assert 3.8 * GB < bf16_rest < 3.9 * GB
+
+
+def test_qlora_sec2_lora_input_gradients_567MB_vs_18MB_with_checkpointing():
+    # QLoRA §2 (7B, bs 1): activations for the input gradients 567 MB; with checkpointing "18 MB per sequence".
+    # The paper does not give the sequence length; the Korthikanti formula reaches 567 MB at s = 113 tokens.
+    # The two paper figures relate as one block to all 32 blocks (567/18 = 31.5 ~ n_layer = 32), which is exactly
+    # what checkpointing does to the per-block term: only one block is recomputed at a time. Our checkpointed
+    # estimate also counts the 32 stored block inputs (29.6 MB at s = 113), which the paper's 18 MB leaves out.
+    full = activation_bytes("llama-7b", seq_len=113, batch_size=1, gradient_checkpointing=False)
+    ckpt = activation_bytes("llama-7b", seq_len=113, batch_size=1, gradient_checkpointing=True)
+    assert abs(full["blocks"] / 567e6 - 1) < 0.01                          # 569.0 MB
+    assert full["blocks"] / ckpt["blocks"] == 32
+    assert abs(ckpt["blocks"] / 18e6 - 1) < 0.02                           # 17.8 MB
+    assert ckpt["checkpoints"] == 32 * 2 * 113 * 4096
+
+
+def test_activation_formula_korthikanti_eq2():
+    sh = ModelShape("t", n_layer=3, d_model=64, n_head=4, d_ff=256, vocab_size=100, mlp="gelu", norm="layernorm")
+    s, b = 32, 2
+    a = activation_bytes(sh, s, b)
+    assert a["per_block"] == s * b * 64 * (34 + 5 * 4 * s / 64)
+    assert a["total"] == 3 * a["per_block"] + 4 * s * b * 100
+    g = activation_bytes(sh, s, b, gradient_checkpointing=True)
+    assert g["total"] == 3 * 2 * s * b * 64 + a["per_block"] + 4 * s * b * 100
+    assert g["total"] < a["total"]
+
+
+# ------------------------------------------------------------------------------------------------- LoRA paper
+@pytest.mark.parametrize("r, expected, printed", [(1, 4_718_592, "4.7M"), (8, 37_748_736, "37.7M")])
+def test_lora_table4_gpt3_wq_wv_trainable_params(r, expected, printed):
+    # LoRA §4.2 / Table 4: |Θ| = 2 · L̂ · d_model · r with L̂ = 2·96 adapted matrices, d_model = 12,288.
+    n = lora_trainable_params("gpt3-175b", r, targets="q,v")
+    assert n == expected == 2 * 192 * 12288 * r
+    assert f"{n / 1e6:.1f}M" == printed
+
+
+def test_lora_sec42_gpt3_r4_checkpoint_18_9M_params_36MiB_paper_35MB_from_350GB():
+    # LoRA §4.2: "reduce the checkpoint size by roughly 10,000x (from 350GB to 35MB)" at r=4 on Wq, Wv.
+    e = estimate("gpt3-175b", "lora", r=4, targets="q,v", include_activations=False)
+    assert e.trainable_params == 18_874_368                                # Table 5's "18M" budget
+    assert e.breakdown["adapters"] == 37_748_736                           # 16-bit
+    assert round(e.breakdown["adapters"] / MiB) == 36                      # the paper's "35MB" rounds this down
+    base_ckpt = e.base_params * 2                                          # the 16-bit base checkpoint
+    assert 345 * GB < base_ckpt < 355 * GB                                 # "350GB" (349.2 GB)
+    assert 9_000 < base_ckpt / e.breakdown["adapters"] < 10_000            # "roughly 10,000x" (9,251x)
+    # LoRA abstract: training memory 350 GB with LoRA (before activations): the frozen base dominates.
+    assert 349 * GB < e.total_bytes < 351 * GB
+
+
+# ---------------------------------------------------------------------------------------------- seeds' tables
+SQUARE_TABLE = {   # seeds: a model of N params as one square layer, trainable params of LoRA at rank r, as printed
+    1: ("167k", "228k", "529k", "849k"),
+    8: ("1M", "2M", "4M", "7M"),
+    512: ("86M", "117M", "270M", "434M"),
+    8192: ("1.4B", "1.8B", "4.3B", "7.0B"),
+}
+
+
+def _parse(printed):
+    unit = {"k": 1e3, "M": 1e6, "B": 1e9}[printed[-1]]
+    digits = printed[:-1]
+    decimals = len(digits.split(".")[1]) if "." in digits else 0
+    return float(digits) * unit, unit * 10 ** -decimals                   # value, one unit in the last printed place
+
+
+@pytest.mark.parametrize("r", sorted(SQUARE_TABLE))
+def test_seeds_square_layer_table_2_sqrtN_r(r):
+    # 2·√N·r for N = 7B, 13B, 70B, 180B. The table rounds loosely (270M for 270.9M, 1.8B for 1.87B: truncated;
+    # 849k for 848.5k, 2M for 1.82M: rounded), so each printed value must equal our value rounded OR truncated
+    # to the printed precision: |ours - printed| < one unit in the last printed place.
+    for N, printed in zip((7e9, 13e9, 70e9, 180e9), SQUARE_TABLE[r]):
+        ours = square_layer_lora_params(N, r)
+        value, ulp = _parse(printed)
+        assert abs(ours - value) < ulp, (N, r, ours, printed)
+        assert math.floor(ours / ulp) * ulp == pytest.approx(value) or round(ours / ulp) * ulp == pytest.approx(value)
+
+
+def test_seeds_square_layer_exact_values():
+    assert round(square_layer_lora_params(7e9, 1)) == 167_332
+    assert round(square_layer_lora_params(70e9, 512) / 1e5) == 2709        # 270.9M, printed "270M"
+
+
+def test_seeds_512x64_matrix_r8_has_4608_trainable_86_percent_fewer():
+    sh = ModelShape("one-layer", n_layer=1, d_model=512, n_head=1, d_ff=64, vocab_size=1, mlp="gelu")
+    n = lora_trainable_params(sh, 8, targets="c_fc")                       # c_fc is 512 -> 64
+    assert n == 8 * (512 + 64) == 4_608
+    assert round(100 * (1 - n / (512 * 64))) == 86
+
+
+def test_seeds_rank1_4x4_matrix_recovered_exactly_as_4x1_times_1x4():
+    W = [[-8, -2, -6, 6], [-4, -1, -3, 3], [28, 7, 21, -21], [24, 6,18, -18]]
+    u, v = rank1_factorize(W)
+    assert u == [[-2], [-1], [7], [6]] and v == [[4, 1, 3, -3]]            # 8 numbers instead of 16
+    assert np.array_equal(np.array(u) @ np.array(v), np.array(W))
+    s = np.linalg.svd(np.array(W, dtype=np.float64), compute_uv=False)
+    assert s[1] < 1e-12 * s[0]                                             # numpy agrees: rank 1
+
+
+def test_rank1_factorize_rejects_rank2_and_zero():
+    with pytest.raises(ValueError, match="rank > 1"):
+        rank1_factorize([[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="rank 0"):
+        rank1_factorize([[0, 0], [0, 0]])
+    u, v = rank1_factorize([[0.5, 1.0], [1.0, 2.0]])
+    assert np.allclose(np.array(u, dtype=float) @ np.array(v, dtype=float), [[0.5, 1.0], [1.0, 2.0]])
+
+
+# The seeds' comparison table: LoRA on 7B needs 16-24 GB, QLoRA 8-16 GB, adapters about 100 MB. One setting pins all
+# three: r=16 on all linear layers, seq_len 512, batch 2, no gradient checkpointing, 16-bit adapters.
+SEEDS_SETTING = dict(r=16, targets="all-linear", seq_len=512, batch_size=2, gradient_checkpointing=False)
+
+
+def test_seeds_lora_7b_needs_16_to_24GB():
+    e = estimate("llama-7b", "lora", **SEEDS_SETTING)
+    assert 16 * GB < e.total_bytes < 24 * GB                               # 21.34 GB
+    assert estimate("llama-7b", "lora", **{**SEEDS_SETTING, "batch_size": 1}).total_bytes > 16 * GB   # 17.7 GB
+
+
+def test_seeds_qlora_7b_needs_8_to_16GB():
+    e = estimate("llama-7b", "qlora", **SEEDS_SETTING)
+    assert 8 * GB < e.total_bytes < 16 * GB                                # 11.72 GB
+    # and under the QLoRA paper's own recipe (r=64 all-linear, batch 16, checkpointing), seq 512: 10.79 GB
+    recipe = estimate("llama-7b", "qlora", r=64, targets="all-linear", seq_len=512, batch_size=16,
+                      gradient_checkpointing=True)
+    assert 8 * GB < recipe.total_bytes < 16 * GB
+
+
+def test_seeds_adapters_about_100MB():
+    # r=16 on all 7 linears of LLaMA-7B: 32 · 16 · (4·8192 + 3·15104) = 39,976,960 params, 80 MB in 16-bit
+    # ("about 100 MB": within 25 %; r=20 would give 100 MB exactly).
+    e = estimate("llama-7b", "lora", **SEEDS_SETTING)
+    assert e.trainable_params == 39_976_960
+    assert 75e6 < e.breakdown["adapters"] < 125e6
+    assert estimate("llama-7b", "lora", r=20, targets="all-linear").breakdown["adapters"] == 99_942_400
+
+
+def test_qlora_lora_and_full_share_the_activation_model():
+    kw = dict(seq_len=256, batch_size=2, gradient_checkpointing=False)
+    acts = {m: estimate("llama-7b", m, **kw).breakdown["activations"] for m in ("full", "lora", "qlora")}
+    assert len(set(acts.values())) == 1
+
+
+# ---------------------------------------------------------------------------------------------- 4-bit storage
+def test_nf4_tensor_bytes_exact_layout():
+    # 4096 x 4096: 8,388,608 code bytes, 262,144 blocks of 64; DQ: 262,144 uint8 + 1,024 fp32 absmax2.
+    n = 4096 * 4096
+    dq = nf4_tensor_bytes(n)
+    assert dq == {"codes": n // 2, "nf4_table": 64, "absmax": 262_144, "absmax2": 4 * 1024, "offset": 4,
+                  "dynamic_map": 1024}
+    plain = nf4_tensor_bytes(n, double_quant=False)
+    assert plain["absmax"] == 4 * 262_144
+    assert nf4_tensor_bytes(65)["codes"] == 33 and nf4_tensor_bytes(65)["absmax"] == 2   # odd n, partial block
+
+
+# ----------------------------------------------------------------------------------------------- API and errors
+def test_estimate_to_dict_roundtrips_through_json():
+    e = estimate("llama-13b", "lora", r=8, targets="q,k,v,o")
+    d = json.loads(json.dumps(e.to_dict()))
+    assert d["total_bytes"] == e.total_bytes == sum(d["breakdown"].values())
+    assert set(d["breakdown"]) == set(memory.CATEGORIES)
+    assert d["trainable_params"] == 40 * 4 * 8 * (5120 + 5120)
+
+
+def test_targets_and_errors():
+    assert lora_trainable_params("llama-7b", 8, "q_proj,v_proj") == lora_trainable_params("llama-7b", 8, ["q", "v"])
+    assert lora_trainable_params("llama-7b", 8, "all-linear") == lora_trainable_params(
+        "llama-7b", 8, "q,k,v,o,gate,up,down")
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        lora_trainable_params("llama-7b", 8, "c_attn")
+    with pytest.raises(ValueError, match="positive int"):
+        lora_trainable_params("llama-7b", 0, "q,v")
+    with pytest.raises(KeyError, match="known models: llama-7b"):
+        estimate("llama-8b")
+    with pytest.raises(ValueError, match="unknown method"):
+        estimate("llama-7b", "dora")
+    with pytest.raises(ValueError, match="n_layer"):
+        ModelShape("bad", n_layer=0, d_model=8, n_head=1, d_ff=8, vocab_size=8)
+
+
+def test_module_does_not_import_numpy():
+    import ast
+    import pathlib
+    tree = ast.parse(pathlib.Path(memory.__file__).read_text(encoding="utf-8"))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(m and m.split(".")[0] == "numpy" for m in names)
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def test_cli_json_has_total_trainable_breakdown(capsys):
+    assert memory.main(["--model", "llama-65b", "--method", "qlora", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {"total_bytes", "trainable_params", "breakdown"} <= set(d)
+    assert d["total_bytes"] < 48 * GB and d["trainable_params"] == 799_539_200
+
+
+def test_cli_options_reach_the_estimate(capsys):
+    argv = ["--model", "gpt3-175b", "--method", "lora", "--r", "4", "--targets", "q,v", "--seq-len", "128",
+            "--batch-size", "2", "--no-gradient-checkpointing", "--json"]
+    assert memory.main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["trainable_params"] == 18_874_368
+    assert d["settings"]["seq_len"] == 128 and d["settings"]["batch_size"] == 2
+    assert not d["settings"]["gradient_checkpointing"]
+
+
+def test_cli_readable_breakdown_and_explain(capsys):
+    assert memory.main(["--model", "llama-65b", "--method", "qlora"]) == 0
+    out = capsys.readouterr().out
+    for word in ("trainable params: 799,539,200", "weights", "adapters", "gradients", "optimizer_states",
+                 "activations", "total"):
+        assert word in out
+    assert memory.main(["--model", "llama-7b", "--method", "qlora", "--explain"]) == 0
+    out = capsys.readouterr().out
+    for assumption in ("4.127", "12 B/param", "34 + 5·a·s/d", "Embeddings, norms and lm_head stay in 16-bit",
+                       "paged AdamW"):
+        assert assumption in out
+
+
+def test_cli_unknown_model_exits_2_listing_known(capsys):
+    assert memory.main(["--model", "llama-8b"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'llama-8b'" in err and "llama-65b" in err and "gpt3-175b" in err
+
+
+def test_cli_list_models_and_custom_shape(capsys):
+    assert memory.main(["--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-7b" in out and "6,738,415,616" in out
+    assert memory.main(["--model", "llama-7b", "--n-layer", "16", "--method", "full", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["trainable_params"] == param_counts(memory.MODELS["llama-7b"])["total"] - 16 * 202_383_360
+
+
+def test_cli_bad_target_exits_2(capsys):
+    assert memory.main(["--model", "llama-7b", "--method", "lora", "--targets", "c_attn"]) == 2
+    assert "matches no linear layer" in capsys.readouterr().err
+
+
+def test_minilora_cli_dispatches_memory(capsys):
+    from minilora import cli
+    assert cli.main(["memory", "--model", "llama-7b", "--method", "full", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_params"] == 6_738_415_616
