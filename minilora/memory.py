@@ -6,7 +6,8 @@ assumption you can change with a keyword argument; `minilora memory --explain` p
 Parameters (ModelShape; LLaMA and GPT-3 use their published shapes)
     per block:  attention  q, k, v, o: 4·d²         (or one fused c_attn d→3d plus c_proj d→d, same count)
                 MLP        SwiGLU (LLaMA): gate, up, down = 3·d·f      GELU (GPT): c_fc, c_proj = 2·d·f
-                norms      2 per block: d each (RMSNorm) or 2d (LayerNorm weight + bias); biases if shape.bias
+                norms      2 per block: d each (RMSNorm, or LayerNorm without bias) or 2d (LayerNorm weight + bias)
+    biases     d_out per linear if shape.bias (GPT-2/3, minilora's GPT); none in LLaMA
     outside:    token embedding V·d (+ learned positions P·d for GPT), final norm, lm_head V·d unless tied.
     LoRA on a d_in→d_out linear adds A (r, d_in) and B (d_out, r): r·(d_in + d_out) trainable parameters.
     PEFT's "all-linear" = every linear inside the blocks, not lm_head.
@@ -126,7 +127,7 @@ def param_counts(shape: ModelShape) -> dict:
     d, L = shape.d_model, shape.n_layer
     lin = block_linears(shape).values()
     linear = L * sum(i * o for i, o in lin)
-    norm = d if shape.norm == "rmsnorm" else 2 * d
+    norm = 2 * d if (shape.norm == "layernorm" and shape.bias) else d    # LayerNorm has a bias only if shape.bias
     bias = L * sum(o for _, o in lin) if shape.bias else 0
     embed = shape.vocab_size * d + shape.n_positions * d
     lm_head = 0 if shape.tied_embeddings else shape.vocab_size * d
@@ -352,10 +353,13 @@ def tiny_gpt_shape(config) -> ModelShape:
 
 
 def estimate_tiny_gpt(config, method: str = "lora", r: int = 8, targets="c_attn", **kw) -> MemoryEstimate:
-    """Predict the bytes of minilora's own tiny GPT: everything float32 (4 B) on the NumPy path, AdamW m, v fp32,
-    frozen base and QLoRA's non-quantized layers fp32 too. Compare with minilora.peft.memory_report(model)."""
-    kw = {"weight_bytes": 4, "grad_bytes": 4, "adapter_bytes": 4, "optimizer_state_bytes": 4,
-          "include_activations": False, **kw}
+    """Predict the bytes of minilora's own tiny GPT. Every array has the config's dtype (float32: 4 B, float64: 8 B):
+    weights, gradients, adapters and AdamW's m, v (zeros_like the parameter); QLoRA's non-quantized layers too.
+    Activations are left out (include_activations=True adds the 16-bit formula, which does not describe a float32
+    NumPy cache). Compare with the bytes of the real arrays, e.g. minilora.peft.memory_report(model)."""
+    nb = {"float32": 4, "float64": 8}[str(getattr(config, "dtype", "float32"))]
+    kw = {"weight_bytes": nb, "grad_bytes": nb, "adapter_bytes": nb, "optimizer_state_bytes": nb,
+          "upcast_non_quantized": False, "include_activations": False, **kw}
     return estimate(tiny_gpt_shape(config), method, r=r, targets=targets, **kw)
 
 
