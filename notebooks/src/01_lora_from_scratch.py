@@ -43,15 +43,18 @@ W = np.array([[-8, -2, -6, 6],
 print("rank(W) =", np.linalg.matrix_rank(W))
 
 # %% [markdown]
-# Recover the factors exactly: take $v^\top$ = the first row divided by its common factor, then each row's
-# multiple is $u_i = W_{i,0} / v_0$. The product must give back $W$ bit for bit (integers, no rounding).
+# Recover the factors exactly. `minilora.memory.rank1_factorize` takes the first non-zero row divided by the gcd of
+# its entries as $v^\top$, and each row's multiple of it as $u$; it works in exact fractions and raises if the
+# matrix has rank > 1. The product must give back $W$ bit for bit (integers, no rounding).
 
 # %%
-v = W[0] // -2                                         # (4,)   first row is -2 * [4, 1, 3, -3]
-u = W[:, 0] // v[0]                                    # (4,)   each row's multiple of v
-print("u =", u, " v =", v)
-print("u (4x1) @ v (1x4) == W exactly:", np.array_equal(u[:, None] @ v[None, :], W))
-print(f"numbers stored: {W.size} -> {u.size + v.size}")
+from minilora.memory import rank1_factorize, square_layer_lora_params
+
+u, vT = rank1_factorize(W.tolist())
+u, vT = np.array(u), np.array(vT)                     # (4, 1), (1, 4)
+print("u =", u.ravel(), " v^T =", vT.ravel())
+print("u (4x1) @ v^T (1x4) == W exactly:", np.array_equal(u @ vT, W))
+print(f"numbers stored: {W.size} -> {u.size + vT.size}")
 
 # %% [markdown]
 # ## 2. Truncated SVD: the best rank-$k$ approximation and its error
@@ -155,7 +158,7 @@ print(f"full: {full:,} | LoRA r={r}: {lora:,} = A {A.size:,} + B {B.size:,} | {1
 
 # %% [markdown]
 # Scale it up. Pretend a whole model of $N$ parameters were one square $d\times d$ layer, $d = \sqrt{N}$. LoRA then
-# trains $2\,d\,r = 2\sqrt{N}\,r$ parameters. Even at $r = 8192$ (absurdly large) it is a few percent of the model.
+# trains $2\,d\,r = 2\sqrt{N}\,r$ parameters (`minilora.memory.square_layer_lora_params`). Even at $r = 8192$ (absurdly large) it is a few percent of the model.
 
 # %%
 def fmt(n):
@@ -169,9 +172,9 @@ sizes = {"7B": 7e9, "13B": 13e9, "70B": 70e9, "180B": 180e9}
 ranks = [1, 8, 512, 8192]
 print(f"{'model':>6} {'d = sqrt(N)':>12} " + " ".join(f"{'r=' + str(r_):>9}" for r_ in ranks))
 for name, n_params in sizes.items():
-    d = np.sqrt(n_params)
-    print(f"{name:>6} {d:12,.0f} " + " ".join(f"{fmt(2 * d * r_):>9}" for r_ in ranks))
-print(f"sanity: 7B at r=1 -> {2 * np.sqrt(7e9):,.0f} trainable parameters")
+    counts = [square_layer_lora_params(n_params, r_) for r_ in ranks]    # 2·sqrt(N)·r each
+    print(f"{name:>6} {np.sqrt(n_params):12,.0f} " + " ".join(f"{fmt(c):>9}" for c in counts))
+print(f"sanity: 7B at r=1 -> {square_layer_lora_params(7e9, 1):,.0f} trainable parameters")
 
 # %% [markdown]
 # These are the seeds' table values (167 k … 7.0 B); the seeds round loosely in two cells (270 M for 270.9 M, 1.8 B
