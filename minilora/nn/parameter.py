@@ -15,12 +15,15 @@ class Parameter:
         self.grad = None
         self.requires_grad = requires_grad
 
-    def accumulate_grad(self, g):
-        """grad += g (allocating it on first use); a no-op for frozen parameters."""
+    def accumulate_grad(self, g, owned: bool = False):
+        """grad += g (allocating it on first use); a no-op for frozen parameters.
+
+        owned=True says g is a fresh array nobody else holds (e.g. the result of a matmul inside a backward), so the
+        first call may keep it as the gradient instead of copying it: one fewer full-size copy per step."""
         if not self.requires_grad:
             return
         if self.grad is None:
-            self.grad = g.copy()
+            self.grad = g if owned else g.copy()
         else:
             self.grad += g
 

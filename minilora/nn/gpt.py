@@ -1,0 +1,204 @@
+"""A tiny GPT-2 built from forward/backward pairs: nanoGPT's model with hand-written backprop.
+
+    x = wte[idx] + wpe[0..T)                                   (B, T, C)
+    for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+    logits = lm_head(ln_f(x));  loss = cross_entropy(logits, targets)
+
+attn is causal multi-head self-attention with a fused `c_attn` (C -> 3C, q|k|v) and an output `c_proj`; mlp is
+`c_fc` (C -> 4C), GELU (tanh form), `c_proj` (4C -> C). `backward()` walks the same path in reverse, each layer
+turning d(output) into d(input) and accumulating its parameters' gradients; the residual adds copy the gradient to
+both branches.
+
+Module paths are Hugging Face GPT-2's (`transformer.wte`, `transformer.h.0.attn.c_attn`, `transformer.h.0.mlp.c_fc`,
+`lm_head`, ...), so PEFT `target_modules` such as ["c_attn"] or "all-linear" carry over. Unlike GPT-2, the weights
+are (out, in) Linear layers (not Conv1D, so fan_in_fan_out=False) and lm_head is not tied to wte. Init follows
+nanoGPT: N(0, 0.02), the two residual projections (`c_proj`) N(0, 0.02/√(2·n_layer)), biases 0.
+Mirrors karpathy/nanoGPT `model.py` and transformers `models/gpt2/modeling_gpt2.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from minilora.backend import default_rng, get_array_module
+from minilora.nn import functional as F
+from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear
+from minilora.nn.module import Module, ModuleDict, ModuleList
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dtype: str = "float32"          # "float64" for gradient checks
+    bias: bool = True               # biases in Linear and LayerNorm, as GPT-2
+    seed: int = 0                   # weight initialisation seed
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"GPTConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+
+class CausalSelfAttention(Module):
+    """c_attn (C -> 3C) -> causal softmax attention over n_head heads -> c_proj (C -> C)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype)
+        self._cache = None
+
+    def forward(self, x):                                  # x (B, T, C)
+        B, T, C = x.shape
+        qkv = self.c_attn(x.reshape(B * T, C))             # (N, 3C)
+        y, cache = F.attention_forward(qkv, B, T, self.n_head)   # (N, C)
+        self._cache = (cache, (B, T, C))
+        return self.c_proj(y).reshape(B, T, C)             # (B, T, C)
+
+    def backward(self, dout):                              # dout (B, T, C)
+        cache, (B, T, C) = self._cache
+        dy = self.c_proj.backward(dout.reshape(B * T, C))  # (N, C)
+        dqkv = F.attention_backward(dy, cache)             # (N, 3C)
+        return self.c_attn.backward(dqkv).reshape(B, T, C)   # (B, T, C)
+
+
+class MLP(Module):
+    """c_fc (C -> 4C) -> GELU -> c_proj (4C -> C)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype)
+        self.act = GELU()
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+    def backward(self, dout):
+        return self.c_fc.backward(self.act.backward(self.c_proj.backward(dout)))
+
+
+class Block(Module):
+    """Pre-LayerNorm transformer block with two residual branches."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):                                  # x (B, T, C)
+        x = F.residual_forward(x, self.attn(self.ln_1(x)))   # (B, T, C)
+        return F.residual_forward(x, self.mlp(self.ln_2(x)))   # (B, T, C)
+
+    def backward(self, dout):                              # dout (B, T, C)
+        d_skip, d_branch = F.residual_backward(dout)
+        dx = d_skip + self.ln_2.backward(self.mlp.backward(d_branch))   # (B, T, C)
+        d_skip, d_branch = F.residual_backward(dx)
+        return d_skip + self.ln_1.backward(self.attn.backward(d_branch))   # (B, T, C)
+
+
+class GPT(Module):
+    """`logits, loss = model(idx, targets)`, then `model.backward()` fills `param.grad` for trainable params."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        cfg = self.config = config
+        self.transformer = ModuleDict(
+            wte=Embedding(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype),
+            wpe=Embedding(cfg.block_size, cfg.n_embd, dtype=cfg.dtype),
+            h=ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=LayerNorm(cfg.n_embd, bias=cfg.bias, dtype=cfg.dtype),
+        )
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False, dtype=cfg.dtype)
+        self._init_weights()
+        self._cache = None
+
+    def _init_weights(self):
+        """nanoGPT's init, drawn in float64 from one seeded stream (so float32 and float64 models agree)."""
+        rng = default_rng(self.config.seed)
+        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)   # residual projections: keep the stream's variance
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                p.data[...] = 0
+            elif ".ln_" in name:
+                p.data[...] = 1                                    # LayerNorm weight
+            else:
+                std = proj_std if name.endswith("c_proj.weight") else 0.02
+                p.data[...] = (rng.standard_normal(p.data.shape) * std).astype(p.data.dtype)
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """idx int (B, T) -> logits (B, T, V), and loss (a Python float, mean over tokens) when targets are given."""
+        xp = get_array_module(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        tr = self.transformer
+        pos = xp.arange(T)                                         # (T,)
+        x = tr.wte(idx) + tr.wpe(pos)                              # (B, T, C)  position embedding broadcast over B
+        for block in tr.h:
+            x = block(x)                                           # (B, T, C)
+        x = tr.ln_f(x)                                             # (B, T, C)
+        logits = self.lm_head(x)                                   # (B, T, V)
+        loss = None
+        self._cache = None
+        if targets is not None:
+            if tuple(targets.shape) != (B, T):
+                raise ValueError(f"targets must have shape {(B, T)} like idx, got {tuple(targets.shape)}")
+            V = logits.shape[-1]
+            loss_arr, ce_cache = F.cross_entropy_forward(logits.reshape(B * T, V), targets.reshape(B * T))
+            loss = float(loss_arr)
+            self._cache = (ce_cache, (B, T, V))
+        return logits, loss
+
+    def backward(self):
+        """Backpropagate the last forward's loss (dL/dL = 1) through every layer in reverse order."""
+        if self._cache is None:
+            raise RuntimeError("GPT.backward() needs a forward with targets first (and runs once per forward)")
+        ce_cache, (B, T, V) = self._cache
+        self._cache = None                                         # the softmax buffer is reused in place
+        dlogits = F.cross_entropy_backward(1.0, ce_cache)          # (N, V)
+        tr = self.transformer
+        dx = self.lm_head.backward(dlogits.reshape(B, T, V))       # (B, T, C)
+        dx = tr.ln_f.backward(dx)                                  # (B, T, C)
+        for i in reversed(range(len(tr.h))):
+            dx = tr.h[i].backward(dx)                              # (B, T, C)
+        tr.wte.backward(dx)                                        # scatter-add into wte.grad
+        tr.wpe.backward(dx.sum(axis=0))                            # (T, C): positions are shared across the batch
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, rng=None):
+        """Sample max_new_tokens tokens after idx (B, T), feeding the last block_size tokens each step."""
+        xp = get_array_module(idx)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        rng = default_rng() if rng is None else rng
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.block_size:]                 # (B, ≤block_size)
+            logits, _ = self(ctx)                                  # (B, t, V)
+            z = logits[:, -1, :] / temperature                     # (B, V)
+            if top_k is not None:
+                kth = xp.sort(z, axis=-1)[:, -min(int(top_k), z.shape[-1])][:, None]   # (B, 1)
+                z = xp.where(z < kth, -xp.inf, z)                  # (B, V)
+            p = xp.exp(z - z.max(axis=-1, keepdims=True))          # (B, V)
+            p /= p.sum(axis=-1, keepdims=True)
+            u = rng.random((p.shape[0], 1))                        # (B, 1)  inverse-CDF sampling works on CuPy too
+            nxt = (xp.cumsum(p, axis=-1) < u).sum(axis=-1)         # (B,)
+            nxt = xp.minimum(nxt, p.shape[-1] - 1)[:, None]        # (B, 1)  guard against round-off at the top
+            idx = xp.concatenate([idx, nxt.astype(idx.dtype)], axis=1)   # (B, T+1)
+        return idx

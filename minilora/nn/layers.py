@@ -1,0 +1,160 @@
+"""Thin layer classes: they hold Parameters and a cache, and call the forward/backward pairs in `functional.py`.
+
+Each `forward(x)` accepts any leading shape (..., C) and flattens it to 2-D rows (N, C) so every matmul is one
+BLAS call; `backward(dout)` returns dx of x's shape and accumulates into `param.grad` only for parameters with
+`requires_grad=True` — a frozen weight never gets a gradient array and its dW matmul is skipped.
+
+Mirrors `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.LayerNorm`, `torch.nn.GELU(approximate="tanh")`
+(PyTorch's default initialisations included).
+"""
+from __future__ import annotations
+
+import math
+
+from minilora.backend import default_rng, xp_current
+from minilora.nn import functional as F
+from minilora.nn.module import Module
+from minilora.nn.parameter import Parameter
+
+
+def _dtype(xp, dtype):
+    try:
+        return xp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"unknown dtype {dtype!r}; use 'float32' or 'float64'") from None
+
+
+def _no_cache(layer):
+    raise RuntimeError(f"{type(layer).__name__}.backward called without a forward first "
+                       "(or twice for one forward)")
+
+
+class Linear(Module):
+    """y = x Wᵀ + b with W (out_features, in_features), b (out_features,) or None.
+
+    Initialised as torch.nn.Linear: W, b ~ U(−1/√in_features, +1/√in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32", rng=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear needs in_features, out_features >= 1, got {in_features}, {out_features}")
+        xp = xp_current()
+        dt = _dtype(xp, dtype)
+        rng = default_rng() if rng is None else rng
+        bound = 1.0 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(dt))  # (out, in)
+        self.bias = Parameter(rng.uniform(-bound, bound, (out_features,)).astype(dt)) if bias else None
+        self._cache = None
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects inputs (..., {self.in_features}), got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        b = None if self.bias is None else self.bias.data
+        y, x2 = F.linear_forward(x.reshape(-1, self.in_features), self.weight.data, b)   # (N, out)
+        self._cache = (x2, lead)
+        return y.reshape(*lead, self.out_features)                                        # (..., out)
+
+    def backward(self, dout):
+        if self._cache is None:
+            _no_cache(self)
+        x2, lead = self._cache
+        W, b = self.weight, self.bias
+        dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data,
+                                       need_dW=W.requires_grad, need_db=b is not None and b.requires_grad)
+        if dW is not None:
+            W.accumulate_grad(dW, owned=True)
+        if db is not None:
+            b.accumulate_grad(db, owned=True)
+        return dx.reshape(*lead, self.in_features)                                        # (..., in)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """y = W[idx] with W (num_embeddings, embedding_dim); torch's init W ~ N(0, 1). backward returns None."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype="float32", rng=None):
+        super().__init__()
+        xp = xp_current()
+        dt = _dtype(xp, dtype)
+        rng = default_rng() if rng is None else rng
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter(rng.standard_normal((num_embeddings, embedding_dim)).astype(dt))  # (V, C)
+        self._cache = None
+
+    def forward(self, idx):
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"Embedding indices must be integers, got dtype {idx.dtype}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.num_embeddings):
+            raise ValueError(f"Embedding indices must lie in [0, {self.num_embeddings}), "
+                             f"got min {int(idx.min())}, max {int(idx.max())}")
+        y, self._cache = F.embedding_forward(idx, self.weight.data)   # (..., C)
+        return y
+
+    def backward(self, dout):
+        if self._cache is None:
+            _no_cache(self)
+        if self.weight.requires_grad:
+            self.weight.accumulate_grad(F.embedding_backward(dout, self._cache, self.weight.data.shape), owned=True)
+        return None                                                    # integer inputs have no gradient
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    """y = (x − μ)/√(σ² + eps) · weight + bias over the last axis; weight = 1, bias = 0 at init."""
+
+    def __init__(self, ndim: int, eps: float = 1e-5, bias: bool = True, dtype="float32"):
+        super().__init__()
+        xp = xp_current()
+        dt = _dtype(xp, dtype)
+        self.ndim, self.eps = ndim, eps
+        self.weight = Parameter(xp.ones(ndim, dtype=dt))              # (C,)
+        self.bias = Parameter(xp.zeros(ndim, dtype=dt)) if bias else None   # (C,)
+        self._cache = None
+
+    def forward(self, x):
+        if x.shape[-1] != self.ndim:
+            raise ValueError(f"LayerNorm expects inputs (..., {self.ndim}), got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        b = None if self.bias is None else self.bias.data
+        y, cache = F.layernorm_forward(x.reshape(-1, self.ndim), self.weight.data, b, self.eps)   # (N, C)
+        self._cache = (cache, lead)
+        return y.reshape(x.shape)
+
+    def backward(self, dout):
+        if self._cache is None:
+            _no_cache(self)
+        cache, lead = self._cache
+        w, b = self.weight, self.bias
+        dx, dw, db = F.layernorm_backward(dout.reshape(-1, self.ndim), cache, w.data, need_dw=w.requires_grad,
+                                          need_db=b is not None and b.requires_grad)
+        if dw is not None:
+            w.accumulate_grad(dw, owned=True)
+        if db is not None:
+            b.accumulate_grad(db, owned=True)
+        return dx.reshape(*lead, self.ndim)
+
+    def extra_repr(self):
+        return f"({self.ndim},), eps={self.eps}"
+
+
+class GELU(Module):
+    """GPT-2's tanh-approximate GELU (torch.nn.GELU(approximate="tanh"), HF's "gelu_new")."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = F.gelu_forward(x)
+        return y
+
+    def backward(self, dout):
+        if self._cache is None:
+            _no_cache(self)
+        return F.gelu_backward(dout, self._cache)

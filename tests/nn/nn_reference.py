@@ -1,0 +1,97 @@
+"""Test helpers for minilora.nn: finite differences with the fake-loss trick, and a torch twin of minilora's GPT.
+
+The torch model below is written independently with torch.nn / autograd (the reference); `load_from_minilora`
+copies our weights in (for a QLoRA layer, the dequantized W0) so both compute the same function.
+"""
+import numpy as np
+
+
+def fd_grad(f, x, eps=1e-6):
+    """Central finite differences of the scalar f() w.r.t. every entry of the float64 array x (modified in place)."""
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + eps
+        fp = f()
+        x[i] = old - eps
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def torch_gpt(cfg, torch):
+    """The same architecture in plain torch (modules named like ours and HF GPT-2)."""
+    nn = torch.nn
+    F = torch.nn.functional
+    dt = getattr(torch, cfg.dtype)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias, dtype=dt)
+            self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias, dtype=dt)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2) for t in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) / (C // cfg.n_head) ** 0.5
+            mask = torch.ones(T, T, dtype=torch.bool).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            return self.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias, dtype=dt)
+            self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias, dtype=dt)
+
+        def forward(self, x):
+            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias, dtype=dt)
+            self.attn = Attn()
+            self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias, dtype=dt)
+            self.mlp = MLP()
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd, dtype=dt),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd, dtype=dt),
+                h=nn.ModuleList(Block() for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias, dtype=dt)))
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False, dtype=dt)
+
+        def forward(self, idx, targets):
+            T = idx.shape[1]
+            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
+            for b in self.transformer.h:
+                x = b(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    return GPT()
+
+
+def load_plain_weights(tmodel, ours, torch):
+    """Copy every parameter of our (LoRA-free) model into the torch twin, by name."""
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()}
+    missing, unexpected = tmodel.load_state_dict(sd, strict=True), None
+    return missing, unexpected

@@ -1,0 +1,118 @@
+"""The tiny GPT: loss and every gradient vs finite differences and vs an identical torch model; init; generate."""
+import numpy as np
+import pytest
+from nn_reference import fd_grad, load_plain_weights, rel_err, torch_gpt
+
+from minilora.nn import GPT, GPTConfig
+
+CFG64 = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+
+
+def _batch(cfg, B=3, T=None, seed=0):
+    rng = np.random.default_rng(seed)
+    T = T or cfg.block_size
+    return rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+
+
+def test_gpt_gradients_match_finite_differences():
+    m = GPT(CFG64)
+    idx, tg = _batch(CFG64)
+    m(idx, tg)
+    m.backward()
+    rng = np.random.default_rng(5)
+    for name, p in m.named_parameters():
+        # a few random entries of every parameter (all of them would be ~1k forwards per tensor)
+        flat = p.data.reshape(-1)
+        for j in rng.choice(flat.size, size=min(4, flat.size), replace=False):
+            view = flat[j:j + 1]
+            num = fd_grad(lambda: m(idx, tg)[1], view)[0]
+            hand = p.grad.reshape(-1)[j]
+            assert abs(hand - num) <= 1e-6 * max(1.0, abs(num)), f"{name}[{j}]: {hand} vs {num}"
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
+def test_gpt_matches_torch(dtype, tol):
+    torch = pytest.importorskip("torch")
+    cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, dtype=dtype)
+    m = GPT(cfg)
+    t = torch_gpt(cfg, torch)
+    load_plain_weights(t, m, torch)
+    idx, tg = _batch(cfg, B=2, T=7)
+    logits, loss = m(idx, tg)
+    m.backward()
+    tlogits, tloss = t(torch.from_numpy(idx), torch.from_numpy(tg))
+    tloss.backward()
+    assert isinstance(loss, float) and logits.shape == (2, 7, 17) and logits.dtype == np.dtype(dtype)
+    assert abs(loss - tloss.item()) <= tol * tloss.item()
+    assert rel_err(logits, tlogits.detach().numpy()) < tol
+    tp = dict(t.named_parameters())
+    for name, p in m.named_parameters():
+        assert p.grad.dtype == np.dtype(dtype)
+        assert rel_err(p.grad, tp[name].grad.numpy()) < tol, name
+
+
+def test_init_follows_nanogpt():
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=64)
+    m = GPT(cfg)
+    sd = m.state_dict()
+    assert abs(sd["transformer.h.0.mlp.c_fc.weight"].std() - 0.02) < 0.001
+    assert abs(sd["transformer.h.0.mlp.c_proj.weight"].std() - 0.02 / np.sqrt(8)) < 0.0005
+    assert abs(sd["transformer.h.3.attn.c_proj.weight"].std() - 0.02 / np.sqrt(8)) < 0.0005
+    assert np.all(sd["transformer.h.1.attn.c_attn.bias"] == 0) and np.all(sd["transformer.ln_f.weight"] == 1)
+    assert all(v.dtype == np.float32 for v in sd.values())
+    m64 = GPT(GPTConfig(**{**cfg.__dict__, "dtype": "float64"}))   # same seed: float32 model = rounded float64
+    np.testing.assert_array_equal(m64.lm_head.weight.data.astype(np.float32), m.lm_head.weight.data)
+    _, loss = m(*_batch(cfg, B=2))
+    assert abs(loss - np.log(64)) < 0.05                           # near-uniform predictions at init
+
+
+def test_golden_first_loss():
+    """Seeded tiny model and batch: the loss a reader should see (pins init + forward)."""
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, seed=0)
+    idx, tg = _batch(cfg, B=4, seed=0)
+    _, loss = GPT(cfg)(idx, tg)
+    assert abs(loss - 4.159423) < 2e-5, loss
+
+
+def test_generate_shapes_determinism_and_greedy_top_k():
+    from minilora.backend import default_rng
+    m = GPT(CFG64)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    a = m.generate(idx, 10, rng=default_rng(3))                   # longer than block_size: context is cropped
+    b = m.generate(idx, 10, rng=default_rng(3))
+    assert a.shape == (2, 13) and np.array_equal(a, b) and np.array_equal(a[:, :3], idx)
+    assert a.min() >= 0 and a.max() < CFG64.vocab_size
+    g = m.generate(idx, 1, top_k=1)
+    assert np.array_equal(g[:, -1], m(idx)[0][:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(idx, 1, temperature=0)
+
+
+def test_gpt_bad_inputs():
+    m = GPT(CFG64)
+    with pytest.raises(ValueError, match="block_size"):
+        m(np.zeros((1, 9), dtype=np.int64))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        m(np.zeros((1, 4), dtype=np.int64), np.zeros((1, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"\[0, 11\)"):
+        m(np.full((1, 4), 11))
+    with pytest.raises(RuntimeError, match="forward with targets"):
+        GPT(CFG64).backward()
+    m(np.zeros((1, 4), dtype=np.int64), np.zeros((1, 4), dtype=np.int64))
+    m.backward()
+    with pytest.raises(RuntimeError):
+        m.backward()                                              # once per forward
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="dtype"):
+        GPTConfig(dtype="float16")
+
+
+def test_frozen_parameters_get_no_grad_in_gpt():
+    m = GPT(CFG64)
+    for name, p in m.named_parameters():
+        p.requires_grad = "ln_" in name                            # train only the LayerNorms
+    m(*_batch(CFG64))
+    m.backward()
+    for name, p in m.named_parameters():
+        assert (p.grad is not None) == ("ln_" in name), name
