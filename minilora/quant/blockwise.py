@@ -1,0 +1,152 @@
+"""Blockwise absmax scaling and 8-bit dynamic blockwise quantization (the "double" in double quantization).
+
+Per block of `blocksize` consecutive (C-order) elements:
+    absmax_b = max_i |x_i|
+    scaled_i = x_i * float32(1 / max(absmax_b, 1e-38))     full blocks: reciprocal, then multiply; stores absmax_b
+    scaled_i = x_i / max(absmax_tail, 1e-38)                a trailing partial block: true division; stores the clamped
+    code_i   = #{midpoints m of the sorted table : m < scaled_i}   (nearest code, exact ties go to the LOWER code)
+    x'_i     = table[code_i] * absmax_b                     (float32, then cast to the input dtype)
+
+Mirrors the "default" (pure PyTorch) kernels of `bitsandbytes/backends/default/ops.py` (quantize_blockwise,
+quantize_4bit, 0.50.x) bit for bit. bnb's CPU C++ `quantize_blockwise` is a 65,536-bin lookup-table approximation
+that moves ~0.15% of the codes; `quantize_blockwise_lut` below emulates it for byte comparisons.
+
+Work is done in cache-sized chunks, so the only full-size arrays ever allocated are the outputs.
+"""
+from __future__ import annotations
+
+from minilora.backend import get_array_module
+from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array, raise_if_not_finite
+from minilora.quant.codebooks import create_dynamic_map, midpoints
+from minilora.quant.state import QuantState
+
+CHUNK = 1 << 15          # elements per chunk on NumPy (128 KiB of float32: stays in L2 cache)
+TINY = 1e-38             # bnb clamps absmax to this before dividing (float32 1e-38 is a subnormal: keep it)
+
+
+def chunk_size(xp, blocksize: int) -> int:
+    """Elements per chunk: a multiple of blocksize. CuPy gains nothing from chunking, so it takes one big chunk."""
+    if xp.__name__ != "numpy":
+        return 1 << 26
+    return max(CHUNK, blocksize)
+
+
+def rows_absmax(blocks, xp):
+    """max |x| of each row of (n_blocks, blocksize) float32, via the sign-cleared bit pattern.
+
+    For non-negative floats the uint32 order is the float order, so one integer max does it; it also turns -0.0
+    into +0.0 (as torch's abs does) and maps NaN/Inf above every finite value (checked by the caller)."""
+    bits = xp.bitwise_and(blocks.view(xp.uint32), xp.uint32(0x7FFFFFFF))  # (n_blocks, blocksize)
+    if xp.__name__ == "numpy":   # reduceat is ~1.5x faster than max(axis=1) on short rows
+        flat = bits.reshape(-1)
+        m = xp.maximum.reduceat(flat, xp.arange(0, flat.size, blocks.shape[1]))
+    else:
+        m = bits.max(axis=1)
+    return m.view(xp.float32)                                            # (n_blocks,)
+
+
+def scale_blocks(A, blocksize: int, absmax_out, chunk: int):
+    """Yield (start, end, scaled) over the flattened float input; writes each block's absmax into absmax_out.
+
+    `scaled` is a float32 buffer reused between chunks (copy it if you keep it). Raises ValueError on NaN/Inf."""
+    xp = get_array_module(A)
+    flat = A.reshape(-1)
+    n = flat.size
+    full = n - n % blocksize
+    chunk = max(blocksize, chunk - chunk % blocksize)
+    buf = xp.empty(min(chunk, max(full, 1)), dtype=xp.float32)           # (chunk,)
+    for s in range(0, full, chunk):
+        e = min(s + chunk, full)
+        x = flat[s:e]
+        if x.dtype != xp.float32:
+            x = x.astype(xp.float32)                                     # fp16 upcasts exactly; fp64 rounds once
+        blocks = x.reshape(-1, blocksize)                                # (nb, blocksize)
+        a = rows_absmax(blocks, xp)                                      # (nb,)
+        if not bool(xp.isfinite(a).all()):
+            raise_if_not_finite(A)
+        absmax_out[s // blocksize:e // blocksize] = a
+        inv = xp.float32(1) / xp.maximum(a, xp.float32(TINY))            # (nb,) reciprocal, then multiply
+        sc = buf[:e - s].reshape(-1, blocksize)                          # (nb, blocksize)
+        xp.multiply(blocks, inv[:, None], out=sc)
+        yield s, e, buf[:e - s]
+    if full < n:                                                         # trailing partial block: true division
+        x = flat[full:].astype(xp.float32)                               # (rem,)
+        a = xp.abs(x).max()
+        if not bool(xp.isfinite(a)):
+            raise_if_not_finite(A)
+        a = xp.maximum(a, xp.float32(TINY))                              # stored clamped, as bnb does
+        absmax_out[-1] = a
+        yield full, n, x / a
+    # No clip to [-1, 1]: bnb clamps, but every midpoint lies strictly inside (-1, 1), so a value at 1 + 1 ulp
+    # gets the same code as 1.0. Skipping it saves a pass.
+
+
+def quantize_blockwise(A, code=None, blocksize: int = 4096):
+    """8-bit blockwise quantization: uint8 codes of A's shape, QuantState with float32 absmax per block.
+
+    code=None means the signed dynamic map (bnb's default). Ties go to the lower code; an all-zero block stores
+    absmax 0 and code 127 (the map's 0.0). A custom code need not be sorted: we sort it (stable) and map back."""
+    xp = check_float_array(A)
+    check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    code = create_dynamic_map(signed=True, xp=xp) if code is None else xp.asarray(code, dtype=xp.float32)
+    if code.size < 2 or code.size > 256:
+        raise ValueError(f"an 8-bit code table needs 2..256 entries, got {code.size}")
+    mid, order = midpoints(code)                                         # (len-1,), (len,)
+    order8 = order.astype(xp.uint8)
+    n = A.size
+    out = xp.empty(n, dtype=xp.uint8)                                    # (n,)
+    absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)              # (n_blocks,)
+    for s, e, sc in scale_blocks(A, blocksize, absmax, chunk_size(xp, blocksize)):
+        out[s:e] = order8[xp.searchsorted(mid, sc, side="left")]         # 255 midpoints: binary search per value
+    state = QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=None,
+                       dtype=A.dtype)
+    return out.reshape(A.shape), state
+
+
+def dequantize_blockwise(A, quant_state: QuantState):
+    """x' = code[q] * absmax[block] in float32, cast to quant_state.dtype, shaped as quant_state.shape."""
+    xp = get_array_module(A)
+    quant_state.check_matches(A)
+    qs = quant_state
+    absmax = qs.absmax
+    if qs.nested:                                                        # an 8-bit state can itself be nested
+        absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    n, bs = A.size, qs.blocksize
+    vals = qs.code.astype(xp.float32)[A.reshape(-1)]                    # (n,)
+    full = n - n % bs
+    head = vals[:full].reshape(-1, bs)                                   # (n_full_blocks, bs) view
+    head *= absmax[:full // bs, None]
+    if full < n:
+        vals[full:] *= absmax[-1]
+    return vals.astype(qs.dtype, copy=False).reshape(qs.shape)
+
+
+def quantize_blockwise_lut(A, code=None, blocksize: int = 4096):
+    """Emulation of bnb 0.50's CPU C++ quantize_blockwise (`csrc/cpu_ops.cpp`): NOT exact nearest-code.
+
+    A 65,536-bin table over [-1, 1]: bin i stands for v_i = -1 + 2i/65535 and holds #{midpoints < v_i}; each value
+    goes to bin trunc((x*inv + 1) * 0.5 * 65535 + 0.5). About 0.15% of codes differ from `quantize_blockwise`. An
+    all-zero block writes code 0 here (which dequantizes to -0.0), not 127. Test and teaching use only."""
+    xp = check_float_array(A)
+    check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    code = create_dynamic_map(signed=True, xp=xp) if code is None else xp.asarray(code, dtype=xp.float32)
+    mid, order = midpoints(code)
+    v = (xp.float32(-1) + xp.float32(2) * xp.arange(65536, dtype=xp.float32) / xp.float32(65535))
+    lut = order.astype(xp.uint8)[xp.searchsorted(mid, v, side="left")]  # (65536,)
+    flat = A.reshape(-1).astype(xp.float32)
+    n = flat.size
+    out = xp.empty(n, dtype=xp.uint8)
+    absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)
+    for b, s in enumerate(range(0, n, blocksize)):
+        x = flat[s:s + blocksize]
+        a = xp.abs(x).max()
+        absmax[b] = a
+        if a == 0:
+            out[s:s + blocksize] = 0
+            continue
+        inv = xp.float32(1) / a
+        sc = xp.clip(x * inv, -1, 1)
+        idx = ((sc + xp.float32(1)) * xp.float32(0.5) * xp.float32(65535) + xp.float32(0.5)).astype(xp.int32)
+        out[s:s + blocksize] = lut[idx]
+    return out.reshape(A.shape), QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
+                                            dtype=A.dtype)
