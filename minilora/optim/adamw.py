@@ -22,19 +22,29 @@ from minilora.optim.optimizer import Optimizer, check_number
 def adamw_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
     """One AdamW step on arrays, in place: p (the parameter), g (its gradient), m, v (its states); step counts from 1.
 
-    Shared by AdamW and PagedAdamW so that both produce bit-identical parameters."""
+    Shared by AdamW and PagedAdamW so that both produce bit-identical parameters. Every line is one elementwise
+    pass; all of them write into `tmp` or in place, so a step allocates one scratch array instead of six (the
+    update is memory-bound: for a full fine-tune it reads and writes every weight's p, g, m, v)."""
     xp = get_array_module(p)
+    dt = p.dtype.type
+    tmp = xp.empty_like(p)                                  # scratch, (same shape as p)
     if weight_decay != 0.0:
-        p *= p.dtype.type(1.0 - lr * weight_decay)          # (same shape as p)
-    m *= m.dtype.type(beta1)                                # m ← β1 m
-    m += m.dtype.type(1.0 - beta1) * g                      # m ← m + (1-β1) g
-    v *= v.dtype.type(beta2)                                # v ← β2 v
-    v += v.dtype.type(1.0 - beta2) * (g * g)                # v ← v + (1-β2) g²
+        p *= dt(1.0 - lr * weight_decay)                    # p ← p (1 − lr·wd)
+    xp.multiply(g, dt(1.0 - beta1), out=tmp)                # (1-β1) g
+    m *= dt(beta1)
+    m += tmp                                                # m ← β1 m + (1-β1) g
+    xp.multiply(g, g, out=tmp)
+    tmp *= dt(1.0 - beta2)                                  # (1-β2) g²
+    v *= dt(beta2)
+    v += tmp                                                # v ← β2 v + (1-β2) g²
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    denom = xp.sqrt(v) / p.dtype.type(bias_correction2_sqrt)  # √v / √(1-β2ᵗ)
-    denom += p.dtype.type(eps)
-    p -= p.dtype.type(lr / bias_correction1) * (m / denom)
+    xp.sqrt(v, out=tmp)
+    tmp /= dt(bias_correction2_sqrt)
+    tmp += dt(eps)                                          # denom = √v / √(1-β2ᵗ) + eps
+    xp.divide(m, tmp, out=tmp)                              # m / denom
+    tmp *= dt(lr / bias_correction1)
+    p -= tmp                                                # p ← p − lr/(1-β1ᵗ) · m / denom
 
 
 class AdamW(Optimizer):
