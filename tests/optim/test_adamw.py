@@ -166,3 +166,16 @@ def test_update_is_bounded_by_lr(lr, b1, b2, g, step):
     bound = lr * (1 - b1) / np.sqrt(1 - b2) / (1 - b1 ** step) * np.sqrt(1 - b2 ** step)
     assert abs(p[0]) <= bound * (1 + 1e-12)
     assert np.sign(p[0]) == -np.sign(g)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lr=st.floats(1e-5, 0.5), b1=st.floats(0.0, 0.99), b2=st.floats(0.5, 0.9999), eps=st.floats(1e-10, 1e-3),
+       wd=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
+def test_any_hyperparameters_match_torch(lr, b1, b2, eps, wd, seed):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    init = [rng.standard_normal((3, 2))]
+    grads = grad_sequence(rng, [(3, 2)], 5, np.float64)
+    kw = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    (a,), (b,) = run_minilora(init, grads, np, **kw), run_torch(torch, init, grads, **kw)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(a - init[0]).max()))
