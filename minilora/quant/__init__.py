@@ -13,6 +13,8 @@ from minilora.quant.checks import ALLOWED_BLOCKSIZES
 from minilora.quant.codebooks import (create_dynamic_map, create_fp8_map, create_normal_float_map, create_normal_map,
                                       get_4bit_type, linspace_f32)
 from minilora.quant.fourbit import dequantize_4bit, dequantize_absmax, quantize_4bit
+from minilora.quant.int8 import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,
+                                 int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant, outlier_demo)
 from minilora.quant.state import QuantState
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "quantize_blockwise", "dequantize_blockwise", "quantize_blockwise_lut",
     "create_normal_map", "create_normal_float_map", "create_fp8_map", "create_dynamic_map", "get_4bit_type",
     "linspace_f32",
+    "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_tensorwise_quant", "int8_tensorwise_dequant",
+    "int8_blockwise_quant", "int8_blockwise_dequant", "outlier_demo",
 ]
