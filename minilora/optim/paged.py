@@ -80,7 +80,7 @@ class PagedAdamW(AdamW):
         """As AdamW's; the loaded buffers are then put back into the pool (paged ones page by page)."""
         old = self.state
         super().load_state_dict(sd)
-        for name, st in old.items():
+        for name in old:
             for b in self.buffers:
                 self.pool.release(f"{name}.{b}")
         params = dict(self.named_params)

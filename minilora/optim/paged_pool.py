@@ -184,7 +184,8 @@ class PagedPool:
         """Modelled time of the transfers in `stats` (default: all so far): bytes over PCIe, plus fault latency."""
         s = self.stats if stats is None else stats
         moved = s.bytes_evicted + s.bytes_prefetched + s.bytes_faulted
-        return transfer_seconds(moved, self.pcie_gen, self.pcie_lanes, self.efficiency) + s.page_faults * self.fault_latency_s
+        wire = transfer_seconds(moved, self.pcie_gen, self.pcie_lanes, self.efficiency)
+        return wire + s.page_faults * self.fault_latency_s
 
     def _oom(self, name, nbytes, kind):
         occ = {k: v for k, v in self.usage().items() if k in KINDS}
@@ -375,7 +376,7 @@ class PagedPool:
                 assert p.where in ("device", "host"), p
                 assert (p in self._resident) == (p.where == "device"), f"{p}: LRU list disagrees"
                 if t.has_data:
-                    assert (p.device is None) != (p.host is None), f"{p}: held by {'both' if p.device is not None else 'no'} tier(s)"
+                    assert (p.device is None) != (p.host is None), f"{p}: held by both tiers or by none"
                     assert (p.device is not None) == (p.where == "device"), p
                 resident += p.nbytes if p.where == "device" else 0
         assert resident == self._resident_bytes, (resident, self._resident_bytes)

@@ -225,7 +225,8 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
         pool.allocate("lora_grads", r["gradients"], "gradients")
         if scn.real:
             xp, rng = xp_current(), default_rng(seed)
-            params = [Parameter(rng.standard_normal(s, dtype=xp.float32) * xp.float32(0.02)) for s in scn.adapter_shapes]
+            params = [Parameter(rng.standard_normal(s, dtype=xp.float32) * xp.float32(0.02))
+                      for s in scn.adapter_shapes]
             ref = [Parameter(p.data.copy()) for p in params]          # plain AdamW twin, for the bit-identity check
             opt, ref_opt = PagedAdamW(params, pool=pool), AdamW(ref)
         else:
@@ -354,65 +355,77 @@ def summary(result: dict) -> str:
 def plot_timeline(result: dict, path) -> None:
     """Device memory over the trace, unpaged (top) and paged (bottom): weights, gradients, optimizer states on the
     device, activations, free; evictions (▼) and prefetches (▲) marked. Deterministic PNG written atomically."""
+    import matplotlib  # noqa: PLC0415 - plotting is optional
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - plotting is optional
     from matplotlib.figure import Figure  # noqa: PLC0415
 
     from minilora.io import atomic_write_bytes  # noqa: PLC0415
-    s = result["scenario"]
-    fig = Figure(figsize=(10, 6.8), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 1, sharex=True)
-    bands = [("weights", "weights", "#4c72b0"), ("gradients", "gradients", "#8172b2"),
-             ("optimizer_state", "optimizer states on device", "#dd8452"), ("activations", "activations", "#55a868"),
-             ("free", "free", "#e8e8e8")]
-    budget = s["budget_bytes"] / GB
-    for ax, key, label in ((axes[0], "unpaged", "AdamW, no paging"), (axes[1], "paged", "PagedAdamW")):
-        run = result[key]
-        tl = [e for e in run["timeline"] if e["phase"] != "oom"]
-        x = [e["step"] + (0.0 if e["phase"] == "forward" else 0.5) for e in tl]
-        if tl:
-            ax.stackplot(x, [[e[k] / GB for e in tl] for k, _, _ in bands], labels=[b[1] for b in bands],
-                         colors=[b[2] for b in bands], step="post")
-        ax.axhline(budget, color="black", lw=0.8, ls="--")
-        top = budget * 1.08
-        for e, xi in zip(tl, x):
-            if e["bytes_evicted"]:
-                ax.plot([xi + 0.25], [budget * 1.02], marker="v", color="#c44e52", ms=7)
-            if e["bytes_in"]:
-                ax.plot([xi + 0.25], [budget * 1.02], marker="^", color="#2a7f3f", ms=7)
-        if run["oom_step"] is not None:                               # the request that did not fit, outlined
-            used = sum(run["timeline"][-1][k] for k in KINDS) / GB
-            want = run["oom_request"]["bytes"] / GB
-            ax.bar([run["oom_step"]], [want], bottom=[used], width=0.5, align="edge", fill=False, hatch="//",
-                   edgecolor="#c44e52", lw=1.2)
-            ax.annotate(f"OutOfMemoryError at step {run['oom_step']}:\n{run['oom_request']['name']} needs {want:.2f} GB, "
-                        f"{budget - used:.2f} GB free", xy=(run["oom_step"] + 0.5, used + want / 2),
-                        xytext=(run["oom_step"] + 2, budget * 0.45), color="#c44e52", fontsize=9,
-                        arrowprops={"arrowstyle": "->", "color": "#c44e52"})
-            top = max(top, (used + want) * 1.04)
-        done = (f"completed, {run['bytes_evicted'] / GB:.2f} GB evicted, {run['transfer_seconds'] * 1e3:.0f} ms of "
-                f"PCIe transfers" if run["completed"] else f"stopped at step {run['oom_step']}")
-        ax.set_title(f"{label}: {done}", fontsize=10, loc="left")
-        ax.set_ylabel("device memory (GB)")
-        ax.set_ylim(0, top)
-    axes[1].set_xlabel("training step (forward peak, then optimizer step)")
-    axes[1].set_xlim(1, s["steps"] + 1)
-    axes[1].plot([], [], "v", color="#c44e52", label="eviction to host")
-    axes[1].plot([], [], "^", color="#2a7f3f", label="prefetch to device")
-    axes[1].plot([], [], ls="--", color="black", lw=0.8, label="device budget")
-    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=4, frameon=False)
-    fig.suptitle(f"Paged optimizer: {s['title']}, {s['budget_bytes'] / GB:g} GB budget", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})     # no version string: same bytes every run
+    with matplotlib.rc_context():                                  # rcParams of the caller are left alone
+        matplotlib.rcdefaults()                                      # and do not leak in: same bytes anywhere
+        s = result["scenario"]
+        fig = Figure(figsize=(10, 6.8), dpi=100)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(2, 1, sharex=True)
+        bands = [("weights", "weights", "#4c72b0"), ("gradients", "gradients", "#8172b2"),
+                 ("optimizer_state", "optimizer states on device", "#dd8452"),
+                 ("activations", "activations", "#55a868"), ("free", "free", "#e8e8e8")]
+        budget = s["budget_bytes"] / GB
+        for ax, key, label in ((axes[0], "unpaged", "AdamW, no paging"), (axes[1], "paged", "PagedAdamW")):
+            run = result[key]
+            tl = [e for e in run["timeline"] if e["phase"] != "oom"]
+            x = [e["step"] + (0.0 if e["phase"] == "forward" else 0.5) for e in tl]
+            if tl:
+                ax.stackplot(x, [[e[k] / GB for e in tl] for k, _, _ in bands], labels=[b[1] for b in bands],
+                             colors=[b[2] for b in bands], step="post")
+            ax.axhline(budget, color="black", lw=0.8, ls="--")
+            top = budget * 1.08
+            for e, xi in zip(tl, x):
+                if e["bytes_evicted"]:
+                    ax.plot([xi + 0.25], [budget * 1.02], marker="v", color="#c44e52", ms=7)
+                if e["bytes_in"]:
+                    ax.plot([xi + 0.25], [budget * 1.02], marker="^", color="#2a7f3f", ms=7)
+            if run["oom_step"] is not None:                               # the request that did not fit, outlined
+                used = sum(run["timeline"][-1][k] for k in KINDS) / GB
+                want = run["oom_request"]["bytes"] / GB
+                ax.bar([run["oom_step"]], [want], bottom=[used], width=0.5, align="edge", fill=False, hatch="//",
+                       edgecolor="#c44e52", lw=1.2)
+                ax.annotate(f"OutOfMemoryError at step {run['oom_step']}:\n{run['oom_request']['name']} needs "
+                            f"{want:.2f} GB, {budget - used:.2f} GB free", xy=(run["oom_step"] + 0.5, used + want / 2),
+                            xytext=(run["oom_step"] + 2, budget * 0.45), color="#c44e52", fontsize=9,
+                            arrowprops={"arrowstyle": "->", "color": "#c44e52"})
+                top = max(top, (used + want) * 1.04)
+            done = (f"completed, {run['bytes_evicted'] / GB:.2f} GB evicted, {run['transfer_seconds'] * 1e3:.0f} ms "
+                    f"of PCIe transfers" if run["completed"] else f"stopped at step {run['oom_step']}")
+            ax.set_title(f"{label}: {done}", fontsize=10, loc="left")
+            ax.set_ylabel("device memory (GB)")
+            ax.set_ylim(0, top)
+        axes[1].set_xlabel("training step (forward peak, then optimizer step)")
+        axes[1].set_xlim(1, s["steps"] + 1)
+        axes[1].plot([], [], "v", color="#c44e52", label="eviction to host")
+        axes[1].plot([], [], "^", color="#2a7f3f", label="prefetch to device")
+        axes[1].plot([], [], ls="--", color="black", lw=0.8, label="device budget")
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=4, frameon=False)
+        fig.suptitle(f"Paged optimizer: {s['title']}, {s['budget_bytes'] / GB:g} GB budget", fontsize=11)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})     # no version string: same bytes every run
     atomic_write_bytes(path, buf.getvalue())
+
+
+FIGURE = {"model": "65b", "seed": 0, "steps": 40}                # the committed figures/paged_memory_timeline.png
+
+
+def write_figure(path="figures/paged_memory_timeline.png"):
+    """Regenerate the committed timeline figure (QLoRA 65B on 48 GB, seed 0); returns the path."""
+    plot_timeline(run_scenario(**FIGURE), path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="minilora paged-sim", description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("7b", "65b", "tiny"), default="7b")
-    ap.add_argument("--budget-gb", type=float, default=None, help="device budget in GB (1e9 B); default 24 / 48 / 0.012")
+    ap.add_argument("--budget-gb", type=float, default=None, help="GB = 1e9 B (default 24 / 48 / 0.012)")
     ap.add_argument("--page-size", type=int, default=None, help="bytes per page (default 2 MiB; 64 KiB for tiny)")
     ap.add_argument("--no-prefetch", action="store_true", help="fault pages in one by one instead of prefetching")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)

@@ -131,7 +131,8 @@ ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "use", "evict"]), st.
 
 
 @settings(max_examples=50, deadline=None)
-@given(page_elems=st.integers(1, 64), budget=st.integers(0, 8_000), sizes=st.lists(st.integers(1, 600), min_size=1, max_size=4),
+@given(page_elems=st.integers(1, 64), budget=st.integers(0, 8_000),
+       sizes=st.lists(st.integers(1, 600), min_size=1, max_size=4),
        prefetch=st.booleans(), program=ops, seed=st.integers(0, 2**16))
 def test_budget_never_exceeded_bytes_come_back_identical_no_page_lost(page_elems, budget, sizes, prefetch, program,
                                                                       seed):
@@ -155,7 +156,7 @@ def test_budget_never_exceeded_bytes_come_back_identical_no_page_lost(page_elems
                 pool.free(live.pop(arg % len(live)))
             elif op == "use":
                 t = tensors[arg % len(tensors)]
-                for a, b, (arr,) in pool.iter_pages(t):                # a kernel touching every page, in place
+                for _, _, (arr,) in pool.iter_pages(t):                 # a kernel touching every page, in place
                     arr *= np.float32(1.0)
             elif op == "evict":
                 pool.evict_all()
@@ -169,7 +170,8 @@ def test_budget_never_exceeded_bytes_come_back_identical_no_page_lost(page_elems
         for t, values in zip(tensors, truth):
             np.testing.assert_array_equal(to_numpy(pool.gather(t)), values)
     assert pool.peak_device_bytes <= budget
-    event(f"pages evicted: {pool.stats.evictions > 0}, brought back: {pool.stats.prefetches + pool.stats.page_faults > 0}")
+    back = pool.stats.prefetches + pool.stats.page_faults > 0
+    event(f"pages evicted: {pool.stats.evictions > 0}, brought back: {back}")
     assert pool.stats.bytes_evicted >= 0 and pool.stats.evictions * 4 * page_elems >= pool.stats.bytes_evicted
 
 
@@ -191,12 +193,12 @@ def _twin_runs(xp, shapes, steps, pool, seed, between=None):
 
 
 @settings(max_examples=25, deadline=None)
-@given(page_elems=st.integers(1, 2048), prefetch=st.booleans(), steps=st.integers(1, 6), seed=st.integers(0, 999),
-       spike=st.integers(0, 40_000))
+@given(page_elems=st.integers(3, 2048), prefetch=st.booleans(), steps=st.integers(1, 5), seed=st.integers(0, 999),
+       spike=st.integers(0, 30_000))
 def test_paged_adamw_matches_adamw_bit_for_bit_under_evictions(page_elems, prefetch, steps, seed, spike):
-    shapes = [(64, 50), (7,), (3, 1000)]
+    shapes = [(32, 50), (7,), (3, 600)]
     # budget: all states fit, but an activation "spike" between steps pushes some of them out
-    pool = PagedPool(budget_bytes=60_000, page_size=4 * page_elems, paged_threshold=100, prefetch=prefetch)
+    pool = PagedPool(budget_bytes=40_000, page_size=4 * page_elems, paged_threshold=100, prefetch=prefetch)
 
     def spike_then_free(pool, t):
         try:
@@ -209,7 +211,7 @@ def test_paged_adamw_matches_adamw_bit_for_bit_under_evictions(page_elems, prefe
     a, b, _, _ = _twin_runs(np, shapes, steps, pool, seed, spike_then_free)
     for p, q in zip(a, b):
         assert np.array_equal(p.data, q.data)
-    assert pool.peak_device_bytes <= 60_000
+    assert pool.peak_device_bytes <= 40_000
 
 
 def test_paged_adamw_matches_adamw_with_every_page_evicted_every_step(xp):
@@ -237,3 +239,34 @@ def test_paged_adamw_keeps_adamw_constructor_and_validation():
     assert opt.pool.budget_bytes is None and opt.pool.page_size == 2 * MiB
     with pytest.raises(ValueError, match="lr"):
         PagedAdamW(p, lr=-1.0)
+
+
+def test_tiny_gpt_trains_bit_identically_with_paged_adamw_under_evictions():
+    nn = pytest.importorskip("minilora.nn")
+    # n_embd 160 makes mlp.c_fc and mlp.c_proj 102,400 elements: paged by bnb's >= 1e5 rule, the rest stays put
+    cfg = nn.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=160, seed=3)
+    ref_model, paged_model = nn.GPT(cfg), nn.GPT(cfg)
+    state_bytes = 2 * 4 * ref_model.get_num_params()
+    pool = PagedPool(budget_bytes=state_bytes + 64_000, page_size=16 * 1024)
+    ref_opt = AdamW(ref_model.named_parameters(), lr=3e-3)
+    paged_opt = PagedAdamW(paged_model.named_parameters(), lr=3e-3, pool=pool)
+    rng = np.random.default_rng(0)
+    for step in range(1, 7):
+        idx = rng.integers(0, cfg.vocab_size, size=(4, cfg.block_size))
+        losses = []
+        for model, opt in ((ref_model, ref_opt), (paged_model, paged_opt)):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            model.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss)
+        assert losses[0] == losses[1]                                   # same bits in, same loss out
+        pool.step = step
+        pool.allocate("activations", 900_000, "activations")          # a spike evicts ~0.9 MB of state pages
+        pool.free("activations")
+        pool.check()
+    paged = [s["exp_avg"] for s in paged_opt.state.values() if isinstance(s["exp_avg"], PagedTensor)]
+    assert len(paged) == 2 and pool.stats.bytes_evicted > 5 * 800_000 and pool.stats.bytes_prefetched > 0
+    assert pool.peak_device_bytes <= pool.budget_bytes
+    for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters()):
+        assert np.array_equal(p.data, q.data), name
