@@ -22,7 +22,7 @@ Bytes per value (defaults)
     qlora   every linear inside the blocks stored as NF4: 4-bit codes packed two per byte + blockwise constants.
             bits/param = 4 + 32/64 = 4.5 without double quantization; with it (paper §3) the 64-blocks' absmax
             are 8-bit codes plus one fp32 absmax2 per 256 blocks: 4 + 8/64 + 32/(64·256) = 4.127. Per tensor add
-            the 16-entry fp32 NF4 table and, with DQ, the fp32 offset and the 256-entry fp32 dynamic map.
+            the 16-entry fp32 NF4 table and, with DQ, the fp32 offset; once per model DQ's 256-entry fp32 map.
             Embeddings, norms and lm_head stay in 16-bit (upcast_non_quantized=True: fp32, as PEFT's
             prepare_model_for_kbit_training does). Adapters, gradients, optimizer as for lora; the optimizer is
             bitsandbytes' paged AdamW 32-bit: its fp32 states are counted on the GPU here, because paging only
@@ -214,15 +214,15 @@ def nf4_tensor_bytes(n: int, blocksize: int = 64, double_quant: bool = True, nes
     """Exact bytes of one NF4 tensor of n values as bitsandbytes stores it (Params4bit + QuantState).
 
     codes: ceil(n/2) uint8 (two per byte); absmax: ceil(n/blocksize) fp32, or with DQ the same count of uint8
-    codes + ceil(n_blocks/nested_blocksize) fp32 absmax2 + one fp32 offset + the 256-entry fp32 dynamic map;
-    plus the 16-entry fp32 NF4 table."""
+    codes + ceil(n_blocks/nested_blocksize) fp32 absmax2 + one fp32 offset; nf4_table: the 16-entry fp32 table that
+    quantize_4bit creates per call. DQ's 256-entry fp32 dynamic map is shared by all tensors (bnb caches it in
+    name2qmap), so `estimate` adds it once per model, not here."""
     n_blocks = -(-n // blocksize)
-    out = {"codes": -(-n // 2), "nf4_table": 16 * 4}
     if double_quant:
-        out.update(absmax=n_blocks, absmax2=4 * -(-n_blocks // nested_blocksize), offset=4, dynamic_map=256 * 4)
+        stats = {"absmax": n_blocks, "absmax2": 4 * -(-n_blocks // nested_blocksize), "offset": 4}
     else:
-        out["absmax"] = 4 * n_blocks
-    return out
+        stats = {"absmax": 4 * n_blocks}
+    return {"codes": -(-n // 2), **stats, "nf4_table": 16 * 4}
 
 
 # ---------------------------------------------------------------------------------------------------- activations
@@ -320,8 +320,11 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
                     for k, v in nf4_tensor_bytes(d_in * d_out, blocksize, double_quant, nested_blocksize).items():
                         parts[k] = parts.get(k, 0) + v
             add("weights", f"NF4 codes: {counts['linear']:,} linear params × 0.5 B", parts.pop("codes"))
-            label = "DQ constants (8-bit absmax, fp32 absmax2, offset, maps)" if double_quant else "fp32 absmax, NF4 table"
+            tables = parts.pop("nf4_table") + (256 * 4 if double_quant else 0)
+            label = "DQ statistics (uint8 absmax, fp32 absmax2 and offset)" if double_quant else "fp32 absmax"
             add("weights", label, sum(parts.values()))
+            add("weights", "code tables (fp32 NF4 table per tensor" + (", one shared dynamic map)" if double_quant
+                                                                       else ")"), tables)
             ob = 4 if upcast_non_quantized else weight_bytes
             add("weights", f"embeddings, norms, lm_head{', biases' if shape.bias else ''}: "
                            f"{counts['other']:,} × {ob} B", counts["other"] * ob)
@@ -367,7 +370,9 @@ def estimate_tiny_gpt(config, method: str = "lora", r: int = 8, targets="c_attn"
 def fmt_bytes(n: float) -> str:
     if n >= 0.1 * GB:
         return f"{n / GB:,.2f} GB"
-    return f"{n / MiB:,.2f} MiB"
+    if n >= MiB:
+        return f"{n / MiB:,.2f} MiB"
+    return f"{n / 1024:,.2f} KiB"
 
 
 def format_estimate(est: MemoryEstimate) -> str:
