@@ -1,0 +1,307 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update, y = x W0ᵀ + b + s · dropout(x) Aᵀ Bᵀ.
+
+A (r, D_in) starts U(±1/√D_in) (PEFT's kaiming_uniform(a=√5)), B (D_out, r) starts at zero, so ΔW = s·B A = 0 and
+the wrapped model is unchanged at step 0. s = lora_alpha / r, or lora_alpha / √r with rsLoRA (arXiv 2312.03732).
+ΔW is never formed in forward or backward (the LoRA branch is two thin matmuls, see `functional.lora_forward`);
+it is only built by `get_delta_weight` for merging. The backward, with h = dropout(x) Aᵀ (N, r):
+
+    dB = s · dyᵀ h          dA = s · (dy B)ᵀ dropout(x)          dx = dy W0 + s · dropout_backward((dy B) A)
+
+and nothing for W0: the base layer is frozen, so its dW matmul is skipped and no gradient or optimizer state is
+ever allocated for it. Wrapping a `Linear4bit` instead of a `Linear` gives QLoRA: W0 lives in NF4 and dx flows
+through the dequantized W0 (arXiv 2305.14314).
+
+Mirrors Hugging Face PEFT `src/peft/tuners/lora/layer.py` (`LoraLayer`, `Linear`: per-adapter dicts `r`,
+`lora_alpha`, `scaling`, `lora_dropout`, `lora_A`, `lora_B`; `update_layer`, `set_adapter`, `delete_adapter`,
+`get_delta_weight`, `merge(safe_merge, adapter_names)`, `unmerge` LIFO) and `bnb.py` (`Linear4bit.merge`
+dequantizes, adds ΔW and re-quantizes). In-memory parameter names are PEFT's: `base_layer.weight`,
+`lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from minilora.backend import default_rng, get_array_module
+from minilora.nn import functional as F
+from minilora.nn.module import Module
+from minilora.nn.parameter import Parameter
+
+
+class LoraWeights(Module):
+    """PEFT's `lora_A` / `lora_B` ModuleDict, flattened: adapter name -> Parameter, named "<adapter>.weight"."""
+
+    def __init__(self):
+        super().__init__()
+        self._params = {}
+
+    def _named_local_parameters(self):
+        for name, p in self._params.items():
+            yield f"{name}.weight", p
+
+    def __getitem__(self, name):
+        return self._params[name]
+
+    def __setitem__(self, name, p):
+        self._params[name] = p
+
+    def __delitem__(self, name):
+        del self._params[name]
+
+    def __contains__(self, name):
+        return name in self._params
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self):
+        return len(self._params)
+
+    def keys(self):
+        return self._params.keys()
+
+    def items(self):
+        return self._params.items()
+
+    def extra_repr(self):
+        return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._params.items())
+
+
+def _is_4bit(layer) -> bool:
+    return hasattr(layer, "dequantize_weight")
+
+
+class LoRALinear(Module):
+    """A Linear or Linear4bit base layer (frozen) plus one or more named LoRA adapters."""
+
+    def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None):
+        super().__init__()
+        if not (hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features")
+                and isinstance(base_layer, Module)):
+            raise TypeError(f"LoRALinear wraps a Linear or Linear4bit, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad = False                        # W0 (and b) frozen: no grad, no optimizer state
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = LoraWeights()                        # adapter -> Parameter (r, D_in)
+        self.lora_B = LoraWeights()                        # adapter -> Parameter (D_out, r)
+        self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora = {}, {}, {}, {}, {}
+        self.active_adapters = [adapter_name]
+        self.merged_adapters = []
+        self.disable_adapters = False                      # PEFT's flag: True runs the base layer alone
+        self._rng = default_rng(0) if rng is None else rng   # seeded: init and dropout masks are reproducible
+        self._cache = None
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self):
+        """The active adapter's name (a list when several are active, as PEFT)."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight_dtype(self):
+        b = self.base_layer
+        return b.compute_dtype if _is_4bit(b) else b.weight.data.dtype
+
+    def get_base_layer(self):
+        return self.base_layer
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights=True, use_rslora: bool = False):
+        """Add adapter `adapter_name` with A (r, D_in), B (D_out, r); trainable only if it is active."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists on this layer; delete_adapter it first")
+        max_r = min(self.in_features, self.out_features)
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= max_r:
+            raise ValueError(f"r must be an integer in [1, min(in_features, out_features)] = [1, {max_r}] for this "
+                             f"{self.in_features}->{self.out_features} layer, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0 \
+                or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
+                or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a probability in [0, 1), got {lora_dropout!r}")
+        if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        d_in, d_out, dt, rng = self.in_features, self.out_features, self.weight_dtype, self._rng
+        if init_lora_weights == "gaussian":
+            A = rng.standard_normal((r, d_in)) * (1.0 / r)                      # (r, D_in)  N(0, σ = 1/r)
+        else:
+            bound = 1.0 / math.sqrt(d_in)                                       # kaiming_uniform(a=√5), fan_in = D_in
+            A = rng.uniform(-bound, bound, (r, d_in))                           # (r, D_in)
+        if init_lora_weights is False:
+            B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), (d_out, r))   # (D_out, r) nn.Linear init: not a no-op
+        else:
+            B = get_array_module(A).zeros((d_out, r))                           # (D_out, r)  ΔW = 0 at the start
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.lora_A[adapter_name] = Parameter(A.astype(dt))
+        self.lora_B[adapter_name] = Parameter(B.astype(dt))
+        self.set_adapter(self.active_adapters)             # keeps the active set; fixes requires_grad flags
+
+    def set_adapter(self, adapter_names):
+        """Activate one adapter (a str) or several (a list, outputs summed); only active adapters train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        if self.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            self.unmerge()
+        for key in self.lora_A:
+            trainable = key in names
+            self.lora_A[key].requires_grad = trainable
+            self.lora_B[key].requires_grad = trainable
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str):
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this layer has {list(self.lora_A)}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
+        for d in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
+            del d[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = [n for n in self.active_adapters if n != adapter_name]
+            if not remaining and len(self.lora_A):
+                remaining = [next(iter(self.lora_A))]
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+            self.set_adapter(remaining)
+
+    def enable_adapters(self, enabled: bool):
+        self.disable_adapters = not enabled
+
+    # ---- merging --------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str):
+        """ΔW = scaling · B @ A, shape (D_out, D_in), in the base weight's dtype."""
+        A, B = self.lora_A[adapter_name].data, self.lora_B[adapter_name].data   # (r, D_in), (D_out, r)
+        delta = B @ A                                                           # (D_out, D_in)
+        delta *= self.scaling[adapter_name]
+        return delta
+
+    def _base_weight(self):
+        b = self.base_layer
+        return b.dequantize_weight() if _is_4bit(b) else b.weight.data         # (D_out, D_in)
+
+    def _set_base_weight(self, W):
+        b = self.base_layer
+        if _is_4bit(b):
+            b.set_weight(W)                                                     # re-quantize into fresh NF4/FP4
+        else:
+            b.weight.data[...] = W
+
+    def merge(self, safe_merge: bool = False, adapter_names=None):
+        """W0 += ΔW for each adapter (default: the active ones), remembered in merged_adapters.
+
+        safe_merge=True merges into a copy first and raises ValueError if it holds NaN/Inf (W0 left untouched).
+        On a 4-bit base the sum is re-quantized, which adds rounding error (PEFT warns the same way)."""
+        names = self.active_adapters if adapter_names is None else (
+            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally "
+                          f"merging {','.join(n for n in names if n not in already)}.")
+        for name in names:
+            if name in already:
+                continue
+            if name not in self.lora_A:
+                raise ValueError(f"cannot merge unknown adapter {name!r}; this layer has {list(self.lora_A)}")
+            if _is_4bit(self.base_layer):
+                warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding "
+                              "errors.")
+            W = self._base_weight()
+            delta = self.get_delta_weight(name)                                 # (D_out, D_in)
+            if safe_merge or _is_4bit(self.base_layer):
+                merged = W + delta                                              # (D_out, D_in) a copy
+                if safe_merge:
+                    xp = get_array_module(merged)
+                    bad = ~xp.isfinite(merged)
+                    if bool(bad.any()):
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
+                                         f"broken ({int(bad.sum())} non-finite values)")
+                self._set_base_weight(merged)
+            else:
+                W += delta                                                      # in place
+            self.merged_adapters.append(name)
+
+    def unmerge(self):
+        """Undo merge(): pop merged adapters last-in first-out and subtract their ΔW."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if _is_4bit(self.base_layer):
+                self._set_base_weight(self._base_weight() - self.get_delta_weight(name))
+            else:
+                self.base_layer.weight.data -= self.get_delta_weight(name)
+
+    # ---- the two passes -------------------------------------------------------------------------------------
+    def forward(self, x):
+        """y = base(x) + Σ_active s · dropout(x) Aᵀ Bᵀ   (base alone when merged or disabled).   x (..., D_in)."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        y = self.base_layer(x)                                                 # (..., D_out)
+        self._cache = None
+        if self.disable_adapters or self.merged:
+            return y
+        x2 = x.reshape(-1, self.in_features)                                   # (N, D_in)
+        y2 = y.reshape(-1, self.out_features)                                  # (N, D_out) view of y
+        caches = []
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            p = self.lora_dropout[name] if self.training else 0.0
+            xd, mask = F.dropout_forward(x2, p, self._rng)                     # (N, D_in)
+            out, cache = F.lora_forward(xd, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name])
+            y2 += out                                                          # (N, D_out)
+            caches.append((name, mask, cache))
+        self._cache = caches
+        return y
+
+    def backward(self, dout):
+        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB accumulate."""
+        dx = self.base_layer.backward(dout)                                    # (..., D_in)  no dW for W0
+        if not self._cache:
+            return dx
+        dy2 = dout.reshape(-1, self.out_features)                              # (N, D_out)
+        dx2 = dx.reshape(-1, self.in_features)                                 # (N, D_in) view of dx
+        for name, mask, cache in self._cache:
+            A, B = self.lora_A[name], self.lora_B[name]
+            ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name],
+                                          need_dA=A.requires_grad, need_dB=B.requires_grad)
+            dx2 += F.dropout_backward(ddx, mask)                               # (N, D_in)
+            if dA is not None:
+                A.accumulate_grad(dA, owned=True)
+            if dB is not None:
+                B.accumulate_grad(dB, owned=True)
+        return dx
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapters}, merged={self.merged}")
+
+
+class QLoRALinear(LoRALinear):
+    """LoRA on a 4-bit base: a Linear is first converted with Linear4bit.from_linear (NF4 + double quant default)."""
+
+    def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None,
+                 quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64):
+        if not _is_4bit(base_layer):
+            from minilora.nn.linear4bit import Linear4bit   # noqa: PLC0415 - needs minilora.quant
+            base_layer = Linear4bit.from_linear(base_layer, quant_type=quant_type,
+                                                compress_statistics=compress_statistics, blocksize=blocksize)
+        super().__init__(base_layer, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, rng)
