@@ -30,6 +30,7 @@ that cannot fit even after evicting every unpinned page raises OutOfMemoryError 
 Bandwidth model (bnb `docs/source/explanations/optimizers.mdx`): "expect at most about 50 % of PCIe bandwidth",
 and 1 GB evicted per step on PCIe 3.0 x16 costs 1 / (16 · 0.5) s = 125 ms. We use the docs' units:
 GB = 1e9 bytes and PCIe 3.0 x16 = 16 GB/s per direction (1 GB/s per lane; each generation doubles it).
+`transfer_seconds()` of a pool adds up both directions (evictions and the prefetches/faults that undo them).
 """
 from __future__ import annotations
 

@@ -29,11 +29,14 @@ the longest sequence that fits once the paged states are evicted, exactly the ba
 part of it taken by the CUDA context, so 24e9 is a fair usable figure).
 
 Transfer time is modelled (bnb's docs: ≤ 50 % of PCIe bandwidth; PCIe 3.0 x16 = 16 GB/s, so 1 GB costs 125 ms).
+Both directions are counted: a spike that evicts 1 GB costs 125 ms going out and 125 ms coming back before the
+optimizer step. The docs' "125 ms per step" counts only the eviction.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import io
 import json
 import random
@@ -85,7 +88,7 @@ def _llama_numbers(model: str, r: int = 64):
     The fallback repeats the calculator's assumptions: NF4 + DQ at 4.127 bits per linear weight, embeddings, norms
     and lm_head in bf16, Korthikanti's s·b·d·(34 + 5·a·s/d) bytes per block, fp32 logits 4·s·b·V."""
     try:
-        from minilora import memory  # noqa: PLC0415 - the calculator (helper-owned module); optional here
+        memory = importlib.import_module("minilora.memory")    # the calculator; optional here
         shape = memory.get_shape(model)
         weights = memory.estimate(shape, "qlora", r=r, targets="all-linear", include_activations=False)
         weights = weights.breakdown["weights"]
@@ -199,11 +202,18 @@ def _diff(a: PagingStats, b: PagingStats) -> PagingStats:
     return PagingStats(**{f.name: getattr(a, f.name) - getattr(b, f.name) for f in dataclasses.fields(PagingStats)})
 
 
+def _check_budget(scn: Scenario, budget: int):
+    if budget < scn.weights_bytes:
+        raise ValueError(f"device budget {fmt_bytes(budget)} is smaller than the weights alone "
+                         f"({fmt_bytes(scn.weights_bytes)} for {scn.title}); no optimizer can help")
+
+
 def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, prefetch: bool = True,
            gradient_checkpointing: bool = True, seed: int = 0, pcie_gen: int = 3, pcie_lanes: int = 16) -> dict:
     """Run the trace once on a fresh pool. Returns totals, per-step paging cost and the memory timeline; an
     OutOfMemoryError is recorded (oom_step, error), not raised: a real run would stop there, and so does this one."""
     trace = check_trace(trace)
+    _check_budget(scn, budget)
     pool = PagedPool(budget, page_size, paging=paging, prefetch=prefetch, pcie_gen=pcie_gen, pcie_lanes=pcie_lanes)
     out = {"paging": paging, "prefetch": prefetch, "completed": False, "oom_step": None, "error": None,
            "steps_run": 0, "budget_bytes": budget}
@@ -285,9 +295,7 @@ def run_scenario(model: str = "7b", budget_gb=None, page_size=None, prefetch: bo
         raise ValueError(f"page size must be a positive int number of bytes, got {page_size!r}")
     if page_size % 4:
         raise ValueError(f"page size {page_size} B is not a multiple of the element size (4 B, float32 states)")
-    if budget < scn.weights_bytes:
-        raise ValueError(f"device budget {fmt_bytes(budget)} is smaller than the weights alone "
-                         f"({fmt_bytes(scn.weights_bytes)} for {scn.title}); no optimizer can help")
+    _check_budget(scn, budget)
     r = room(scn, budget)
     gc, b, act = gradient_checkpointing, scn.batch_size, scn.activation_fn
     c_res = _longest_fitting(max(r["free_resident"], 0), act, b, gc)

@@ -1,6 +1,7 @@
 """`minilora paged-sim`: the spike trace kills the unpaged run at the spike step and is survived with paging, for
 QLoRA 7B on 24 GB, 65B on 48 GB and the tiny real-array model; the --json shape; bad input is a clear ValueError."""
 import json
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -43,6 +44,18 @@ def test_model_numbers_are_the_qlora_recipe():
         assert r["states"] == 2 * 4 * sum(scn.numels)                # fp32 m and v: paged_adamw_32bit
         assert all(n >= 100_000 for n in scn.numels)                  # every LoRA A/B state is paged (bnb's rule)
     assert sum(get_scenario("7b").numels) == 159_907_840              # r=64 on q,k,v,o,gate,up,down of 32 blocks
+    assert get_scenario("7b").source == "minilora.memory"             # the calculator, not the fallback
+
+
+def test_fallback_numbers_agree_with_the_memory_calculator(monkeypatch):
+    with_calc = {m: paged_sim._llama_numbers(m) for m in ("llama-7b", "llama-65b")}
+    monkeypatch.setitem(sys.modules, "minilora.memory", None)         # import fails: the fallback runs
+    for m, (w, shapes, act, _) in with_calc.items():
+        w2, shapes2, act2, src = paged_sim._llama_numbers(m)
+        assert "fallback" in src and shapes2 == shapes
+        assert abs(w2 - w) / w < 1e-3                                  # 4.127 bits/param vs the exact byte count
+        for s, b, gc in ((512, 1, True), (2048, 4, False), (1, 16, True)):
+            assert act2(s, b, gc) == act(s, b, gc)
 
 
 def test_no_prefetch_faults_page_by_page_and_costs_more():
@@ -121,6 +134,11 @@ def test_cli_summary_and_figure(tmp_path, capsys):
 def test_bad_input_is_a_clear_value_error(kw, match):
     with pytest.raises(ValueError, match=match):
         run_scenario(**kw)
+
+
+def test_replay_checks_the_budget_too():
+    with pytest.raises(ValueError, match="smaller than the weights alone"):
+        replay(get_scenario("tiny"), [1, 2], 999_999, paging=True, page_size=4096)
 
 
 def test_cli_bad_input_exits_2_with_the_message(capsys):
