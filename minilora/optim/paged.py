@@ -35,9 +35,14 @@ class PagedAdamW(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, pool=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.pool = PagedPool(budget_bytes=None) if pool is None else pool
+        xp = get_array_module(*[p.data for p in self.params]) if self.params else None
+        self.pool = PagedPool(budget_bytes=None, xp=xp) if pool is None else pool
         self._names = {id(p): n for n, p in self.named_params}
         for n, p in self.named_params:
+            if get_array_module(p.data) is not self.pool.xp:       # pages must live where the parameter lives
+                raise TypeError(f"parameter {n!r} is a {get_array_module(p.data).__name__} array but the pool "
+                                f"keeps its device pages in {self.pool.xp.__name__}; build the pool under the same "
+                                "backend (PagedPool(..., xp=...) or minilora.use_backend)")
             if self.pool.is_paged(p.numel()) and self.pool.page_size % p.dtype.itemsize:
                 raise ValueError(f"page_size {self.pool.page_size} B is not a multiple of the element size "
                                  f"({p.dtype.itemsize} B) of parameter {n!r}")

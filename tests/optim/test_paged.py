@@ -270,3 +270,10 @@ def test_tiny_gpt_trains_bit_identically_with_paged_adamw_under_evictions():
     assert pool.peak_device_bytes <= pool.budget_bytes
     for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters()):
         assert np.array_equal(p.data, q.data), name
+
+
+def test_pool_and_parameters_must_share_a_backend():
+    class FakeXp:                                                      # stands in for cupy on a machine without one
+        __name__ = "cupy"
+    with pytest.raises(TypeError, match="backend"):
+        PagedAdamW([Parameter(np.zeros(3, np.float32))], pool=PagedPool(budget_bytes=None, xp=FakeXp()))
