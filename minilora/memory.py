@@ -31,9 +31,13 @@ Bytes per value (defaults)
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 2)
     one block keeps  s·b·d·(34 + 5·a·s/d)  bytes  (16-bit activations, dropout masks, no tensor parallelism;
     s = seq_len, b = batch_size, d = d_model, a = n_heads; the 5·a·s² part is attention scores/softmax/dropout).
-    It is derived for a GPT block with a 4d GELU MLP; for LLaMA's SwiGLU it is an approximation.
-    no checkpointing:   n_layer · block  + 4·s·b·V  (fp32 logits kept for the cross-entropy)
-    checkpointing:      n_layer · 2·s·b·d (each block's 16-bit input) + one block recomputed in the backward + 4·s·b·V
+    It is derived for a GPT block with a 4d GELU MLP; for LLaMA's SwiGLU it is an approximation. Read as
+    16 values of s·b·d and 2 of a·s²·b at 2 bytes, plus 1-byte dropout masks (2·s·b·d + a·s²·b), it generalises to
+    other widths: float32 without dropout (minilora's NumPy GPT) keeps 64·s·b·d + 8·a·s²·b.
+    outside the blocks: 5·s·b·d (embedding dropout mask, final norm and lm_head inputs) + 4·s·b·V (fp32 logits kept
+                        for the cross-entropy), Korthikanti et al. §4.3.
+    no checkpointing:   n_layer · block + outside
+    checkpointing:      n_layer · 2·s·b·d (each block's 16-bit input) + one block recomputed in the backward + outside
     The same formula is used for every method: a frozen base still stores what the backward needs to reach the
     adapters of the lower blocks. Not modelled: CUDA context, allocator fragmentation, temporary buffers.
 
@@ -226,21 +230,29 @@ def nf4_tensor_bytes(n: int, blocksize: int = 64, double_quant: bool = True, nes
 
 
 # ---------------------------------------------------------------------------------------------------- activations
-def activation_bytes(model, seq_len: int, batch_size: int, gradient_checkpointing: bool = False) -> dict:
-    """Activation bytes kept for the backward (Korthikanti et al. 2022 eq. 2), split into parts; see the docstring."""
+def activation_bytes(model, seq_len: int, batch_size: int, gradient_checkpointing: bool = False,
+                     bytes_per_value: int = 2, dropout: bool = True) -> dict:
+    """Activation bytes kept for the backward (Korthikanti et al. 2022 eq. 2), split into parts; see the docstring.
+
+    Their 34·s·b·d + 5·a·s²·b is 16 values of s·b·d and 2 of a·s²·b per block at 2 bytes each, plus 1-byte dropout
+    masks (2·s·b·d + a·s²·b). bytes_per_value=4, dropout=False gives the same count for a float32 model without
+    dropout, such as minilora's NumPy GPT: 64·s·b·d + 8·a·s²·b."""
     shape = get_shape(model)
     s, b, d, a = seq_len, batch_size, shape.d_model, shape.n_head
     if s <= 0 or b <= 0:
         raise ValueError(f"seq_len and batch_size must be positive, got seq_len={s}, batch_size={b}")
-    per_block = s * b * d * 34 + 5 * a * s * s * b    # s·b·d·(34 + 5·a·s/d), kept exact in integers
-    out = {"per_block": per_block, "logits": 4 * s * b * shape.vocab_size}
+    per_block = bytes_per_value * (16 * s * b * d + 2 * a * s * s * b)   # kept exact in integers
+    if dropout:
+        per_block += 2 * s * b * d + a * s * s * b                        # uint8 masks
+    out = {"per_block": per_block, "logits": 4 * s * b * shape.vocab_size,
+           "head": 2 * bytes_per_value * s * b * d + (s * b * d if dropout else 0)}   # ln_f, lm_head inputs; mask
     if gradient_checkpointing:
-        out["checkpoints"] = shape.n_layer * 2 * s * b * d
+        out["checkpoints"] = shape.n_layer * bytes_per_value * s * b * d
         out["blocks"] = per_block                     # only one block's activations are alive at a time
     else:
         out["checkpoints"] = 0
         out["blocks"] = shape.n_layer * per_block
-    out["total"] = out["blocks"] + out["checkpoints"] + out["logits"]
+    out["total"] = out["blocks"] + out["checkpoints"] + out["head"] + out["logits"]
     return out
 
 
@@ -286,7 +298,8 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
              gradient_checkpointing=None, double_quant: bool = True, blocksize: int = 64,
              nested_blocksize: int = 256, weight_bytes: int = 2, grad_bytes: int = 2, adapter_bytes: int = 2,
              optimizer_state_bytes: int = 4, master_weights: bool = False, upcast_non_quantized: bool = False,
-             include_activations: bool = True) -> MemoryEstimate:
+             include_activations: bool = True, activation_bytes_per_value: int = 2,
+             dropout: bool = True) -> MemoryEstimate:
     """Bytes of one training step, by category. r / targets / gradient_checkpointing default per method
     (METHOD_DEFAULTS: lora r=8 on q,v as PEFT; qlora r=64 all-linear with checkpointing as qlora.py)."""
     shape = get_shape(model)
@@ -334,11 +347,15 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
         add("optimizer_states", f"AdamW m, v{paged}: {trainable:,} × 2 × {optimizer_state_bytes} B",
             trainable * 2 * optimizer_state_bytes)
     if include_activations:
-        act = activation_bytes(shape, seq_len, batch_size, gc)
+        vb = activation_bytes_per_value
+        act = activation_bytes(shape, seq_len, batch_size, gc, vb, dropout)
         blocks = "1 block recomputed" if gc else f"{shape.n_layer} blocks"
-        add("activations", f"{blocks} × s·b·d·(34 + 5·a·s/d)", act["blocks"])
+        formula = (f"s·b·d·({16 * vb + 2 * dropout} + {2 * vb + dropout}·a·s/d)")
+        add("activations", f"{blocks} × {formula}", act["blocks"])
         if gc:
-            add("activations", f"checkpoints: {shape.n_layer} × 2·s·b·d", act["checkpoints"])
+            add("activations", f"checkpoints: {shape.n_layer} × {vb}·s·b·d", act["checkpoints"])
+        add("activations", f"outside blocks {2 * vb + dropout}·s·b·d (final norm, lm_head inputs"
+                           + (", dropout mask)" if dropout else ")"), act["head"])
         add("activations", "fp32 logits 4·s·b·V", act["logits"])
     breakdown = {c: sum(n for cat, _, n in details if cat == c) for c in CATEGORIES}
     settings = {"r": r if method != "full" else None, "targets": targets if method != "full" else None,
@@ -358,11 +375,13 @@ def tiny_gpt_shape(config) -> ModelShape:
 def estimate_tiny_gpt(config, method: str = "lora", r: int = 8, targets="c_attn", **kw) -> MemoryEstimate:
     """Predict the bytes of minilora's own tiny GPT. Every array has the config's dtype (float32: 4 B, float64: 8 B):
     weights, gradients, adapters and AdamW's m, v (zeros_like the parameter); QLoRA's non-quantized layers too.
-    Activations are left out (include_activations=True adds the 16-bit formula, which does not describe a float32
-    NumPy cache). Compare with the bytes of the real arrays, e.g. minilora.peft.memory_report(model)."""
+    Activations are left out unless include_activations=True, which counts them at the config's dtype without
+    dropout masks (64·s·b·d + 8·a·s²·b per block in float32). Compare with the bytes of the real arrays, e.g.
+    minilora.peft.memory_report(model)."""
     nb = {"float32": 4, "float64": 8}[str(getattr(config, "dtype", "float32"))]
     kw = {"weight_bytes": nb, "grad_bytes": nb, "adapter_bytes": nb, "optimizer_state_bytes": nb,
-          "upcast_non_quantized": False, "include_activations": False, **kw}
+          "upcast_non_quantized": False, "include_activations": False, "activation_bytes_per_value": nb,
+          "dropout": False, **kw}
     return estimate(tiny_gpt_shape(config), method, r=r, targets=targets, **kw)
 
 

@@ -104,10 +104,14 @@ def test_activation_formula_korthikanti_eq2():
     s, b = 32, 2
     a = activation_bytes(sh, s, b)
     assert a["per_block"] == s * b * 64 * (34 + 5 * 4 * s / 64)
-    assert a["total"] == 3 * a["per_block"] + 4 * s * b * 100
+    outside = 5 * s * b * 64 + 4 * s * b * 100                            # Korthikanti §4.3: sbh + 2sbh + 2sbh + 4sbv
+    assert a["total"] == 3 * a["per_block"] + outside
     g = activation_bytes(sh, s, b, gradient_checkpointing=True)
-    assert g["total"] == 3 * 2 * s * b * 64 + a["per_block"] + 4 * s * b * 100
+    assert g["total"] == 3 * 2 * s * b * 64 + a["per_block"] + outside
     assert g["total"] < a["total"]
+    # float32, no dropout (minilora's NumPy GPT): 16 values of s·b·d and 2 of a·s²·b at 4 bytes each
+    f = activation_bytes(sh, s, b, bytes_per_value=4, dropout=False)
+    assert f["per_block"] == 64 * s * b * 64 + 8 * 4 * s * s * b
 
 
 # ------------------------------------------------------------------------------------------------- LoRA paper
