@@ -110,6 +110,92 @@ def fig_double_quant_memory(out: Path) -> list:
     return [save(fig, out / "double_quant_memory.png")]
 
 
+def _pinned():
+    """The golden numbers' input: default_rng(0).standard_normal((1024, 1024)) as float32 (quantization.md §6.2)."""
+    return np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+
+
+def fig_quant_error_hist(out: Path) -> list:
+    """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats."""
+    from minilora.quant.report import roundtrip  # noqa: PLC0415
+    plt = _plt()
+    x = _pinned()
+    families = [("8-bit: where the absmax is taken", ["int8 tensor-wise", "int8 row-wise", "int8 block-wise/64"],
+                 np.linspace(-0.025, 0.025, 201)),
+                ("4-bit, block size 64", ["Int4/64", "FP4/64", "NF4/64", "NF4/64 + DQ"], np.linspace(-0.5, 0.5, 201))]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for ax, (title, schemes, bins) in zip(axes, families):
+        for scheme in schemes:
+            y, bits = roundtrip(x, scheme)
+            e = (np.asarray(y) - x).ravel()
+            ax.hist(e, bins=bins, histtype="step", lw=1.4,
+                    label=f"{scheme}: mean |err| {np.abs(e).mean():.6f}, {bits:.3f} bits")
+        ax.set(yscale="log", title=title, xlabel=r"$\hat{x} - x$", ylabel="count")
+        ax.legend(fontsize=7, loc="lower center")
+    fig.suptitle("quantization error on randn(1024, 1024), seed 0 (NF4/64: 0.072813, bit-exact with bitsandbytes)",
+                 fontsize=10)
+    fig.tight_layout()
+    return [save(fig, out / "quant_error_hist.png")]
+
+
+def fig_int8_outliers(out: Path) -> list:
+    """The outlier problem: 8 values of ±60 in the pinned matrix, int8 tensor-wise vs row-wise vs block-wise."""
+    from minilora.quant import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,  # noqa: PLC0415
+                                int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant)
+    plt = _plt()
+    x = _pinned()
+    rng = np.random.default_rng(0)
+    idx = rng.choice(x.size, 8, replace=False)
+    x.flat[idx] = rng.choice([-60.0, 60.0], 8)
+    keep = np.ones(x.size, dtype=bool)
+    keep[idx] = False
+    q, a = int8_tensorwise_quant(x)
+    errs = {"tensor-wise (8 bits)": int8_tensorwise_dequant(q, a) - x}
+    q, s_, _ = int8_vectorwise_quant(x)
+    errs["row-wise (8.03 bits)"] = int8_vectorwise_dequant(q, s_) - x
+    q, a = int8_blockwise_quant(x, blocksize=64)
+    errs["block-wise/64 (8.5 bits)"] = int8_blockwise_dequant(q, a, blocksize=64) - x
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    bins = np.linspace(-0.25, 0.25, 201)
+    for (name, e), color in zip(errs.items(), ["C3", "C1", "C0"]):
+        e = np.asarray(e).ravel()[keep]
+        ax.hist(e, bins=bins, histtype="step", lw=1.5, color=color, label=f"{name}: mean |err| {np.abs(e).mean():.4f}")
+    ax.set(yscale="log", xlabel=r"$\hat{x} - x$ of the 1,048,568 ordinary values", ylabel="count",
+           title="absmax int8 with 8 outliers of ±60 in a 1024×1024 N(0,1) matrix")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return [save(fig, out / "int8_outliers.png")]
+
+
+def fig_nf4_codebook(out: Path) -> list:
+    """NF4's 16 levels against the N(0,1) density (probability mass per code), next to FP4 and Int4."""
+    from statistics import NormalDist  # noqa: PLC0415
+
+    from minilora.quant import get_4bit_type  # noqa: PLC0415
+    plt = _plt()
+    normal = NormalDist()
+    scale = normal.inv_cdf(0.9677083)                                # code ±1 sits at ±1.848 sigma
+    t = np.linspace(-3.5, 3.5, 401)
+    pdf = np.array([normal.pdf(v) for v in t])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    for ax, name in zip(axes, ["nf4", "fp4", "int4"]):
+        levels = np.unique(np.asarray(get_4bit_type(name), dtype=np.float64)) * scale
+        edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
+        cdf = np.array([0.0 if e == -np.inf else 1.0 if e == np.inf else normal.cdf(e) for e in edges])
+        mass = np.diff(cdf)
+        ax.plot(t, pdf, "k", lw=1, label="N(0, 1) density")
+        ax.bar(levels, mass, width=0.07, color="C1", label="probability mass per code")
+        ax.vlines(levels, 0, 0.015, color="C0", lw=2)
+        entropy = -(mass * np.log2(mass)).sum()
+        ax.set(title=f"{name.upper()}: {len(levels)} levels, usage entropy {entropy:.3f} bits",
+               xlabel=r"level $\times\ \Phi^{-1}(0.9677083)$ (in $\sigma$)")
+    axes[0].set_ylabel("density / mass")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("NF4 = normal quantiles: every code carries about 1/16 of N(0,1)", fontsize=10)
+    fig.tight_layout()
+    return [save(fig, out / "nf4_codebook.png")]
+
+
 @dataclasses.dataclass(frozen=True)
 class Figure:
     func: object
@@ -119,6 +205,12 @@ class Figure:
 
 
 FIGURES = {
+    "quant_error_hist": Figure(fig_quant_error_hist, True, ("quant_error_hist.png",),
+                               "error histograms per scheme (int8 tensor/row/block, Int4, FP4, NF4, NF4+DQ)"),
+    "int8_outliers": Figure(fig_int8_outliers, True, ("int8_outliers.png",),
+                            "the outlier problem: tensor-wise vs row-wise vs block-wise int8"),
+    "nf4_codebook": Figure(fig_nf4_codebook, True, ("nf4_codebook.png",),
+                           "NF4 / FP4 / Int4 levels against the normal density"),
     "svd_truncation": Figure(fig_svd_truncation, True, ("svd_truncation.png",),
                              "singular values and truncation error: why low rank can work"),
     "double_quant_memory": Figure(fig_double_quant_memory, True, ("double_quant_memory.png",),
