@@ -85,8 +85,8 @@ _LLAMA = {"llama-7b": (32, 4096, 32, 11008), "llama-65b": (80, 8192, 64, 22016)}
 def _llama_numbers(model: str, r: int = 64):
     """(weights_bytes, adapter_shapes, activation_fn, source) for QLoRA on `model`, from minilora.memory if present.
 
-    The fallback repeats the calculator's assumptions: NF4 + DQ at 4.127 bits per linear weight, embeddings, norms
-    and lm_head in bf16, Korthikanti's s·b·d·(34 + 5·a·s/d) bytes per block, fp32 logits 4·s·b·V."""
+    The fallback approximates the calculator's assumptions: NF4 + DQ at 4.127 bits per linear weight, embeddings,
+    norms and lm_head in bf16, Korthikanti's s·b·d·(34 + 5·a·s/d) bytes per block, fp32 logits 4·s·b·V."""
     try:
         memory = importlib.import_module("minilora.memory")    # the calculator; optional here
         shape = memory.get_shape(model)
@@ -106,7 +106,8 @@ def _llama_numbers(model: str, r: int = 64):
 
         def act(s, b, gc):
             block = s * b * d * 34 + 5 * a * s * s * b
-            return (block + L * 2 * s * b * d if gc else L * block) + 4 * s * b * 32000
+            head = 5 * s * b * d                                    # ln_f and lm_head inputs, dropout mask
+            return (block + L * 2 * s * b * d if gc else L * block) + head + 4 * s * b * 32000
         return weights, shapes, act, "paged_sim.py's fallback numbers (minilora.memory not importable)"
 
 
@@ -431,7 +432,8 @@ def write_figure(path="figures/paged_memory_timeline.png"):
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="minilora paged-sim", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="minilora paged-sim", description="Replay a training trace with a "
+                                 "long-sequence spike, without paging (AdamW) and with paged AdamW (bitsandbytes).")
     ap.add_argument("--model", choices=("7b", "65b", "tiny"), default="7b")
     ap.add_argument("--budget-gb", type=float, default=None, help="GB = 1e9 B (default 24 / 48 / 0.012)")
     ap.add_argument("--page-size", type=int, default=None, help="bytes per page (default 2 MiB; 64 KiB for tiny)")
