@@ -299,7 +299,7 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
              nested_blocksize: int = 256, weight_bytes: int = 2, grad_bytes: int = 2, adapter_bytes: int = 2,
              optimizer_state_bytes: int = 4, master_weights: bool = False, upcast_non_quantized: bool = False,
              include_activations: bool = True, activation_bytes_per_value: int = 2,
-             dropout: bool = True) -> MemoryEstimate:
+             dropout: bool = True, share_dynamic_map: bool = True) -> MemoryEstimate:
     """Bytes of one training step, by category. r / targets / gradient_checkpointing default per method
     (METHOD_DEFAULTS: lora r=8 on q,v as PEFT; qlora r=64 all-linear with checkpointing as qlora.py)."""
     shape = get_shape(model)
@@ -333,11 +333,14 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
                     for k, v in nf4_tensor_bytes(d_in * d_out, blocksize, double_quant, nested_blocksize).items():
                         parts[k] = parts.get(k, 0) + v
             add("weights", f"NF4 codes: {counts['linear']:,} linear params × 0.5 B", parts.pop("codes"))
-            tables = parts.pop("nf4_table") + (256 * 4 if double_quant else 0)
+            n_tensors = shape.n_layer * len(lin)
+            maps = (1 if share_dynamic_map else n_tensors) * 256 * 4 if double_quant else 0
             label = "DQ statistics (uint8 absmax, fp32 absmax2 and offset)" if double_quant else "fp32 absmax"
+            tables = parts.pop("nf4_table")
             add("weights", label, sum(parts.values()))
-            add("weights", "code tables (fp32 NF4 table per tensor" + (", one shared dynamic map)" if double_quant
-                                                                       else ")"), tables)
+            where = "one shared" if share_dynamic_map else "per tensor"
+            add("weights", f"code tables (fp32 NF4 per tensor{f', dynamic map {where}' if double_quant else ''})",
+                tables + maps)
             ob = 4 if upcast_non_quantized else weight_bytes
             add("weights", f"embeddings, norms, lm_head{', biases' if shape.bias else ''}: "
                            f"{counts['other']:,} × {ob} B", counts["other"] * ob)
