@@ -6,9 +6,11 @@ The math lives in `functional.py` (`*_forward` / `*_backward` pairs); the classe
 """
 from minilora.nn.gpt import GPT, GPTConfig
 from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear
+from minilora.nn.linear4bit import Linear4bit, Params4bit
 from minilora.nn.lora import LoRALinear, QLoRALinear
 from minilora.nn.module import Module, ModuleDict, ModuleList
 from minilora.nn.parameter import Parameter
 
 __all__ = ["GPT", "GPTConfig", "GELU", "Embedding", "LayerNorm", "Linear", "Module", "ModuleDict", "ModuleList",
-           "Parameter", "LoRALinear", "QLoRALinear"]
+           "Parameter", "LoRALinear", "QLoRALinear", "Linear4bit",
+           "Params4bit"]

@@ -134,9 +134,21 @@ class Module:
         return self
 
     # ---- state dict -----------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        """Arrays a module saves besides its Parameters (Linear4bit: its QuantState, in bitsandbytes' keys)."""
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        """Take back what `_extra_state` gave (same local keys); validate and raise ValueError on a mismatch."""
+
     def state_dict(self) -> dict:
-        """{dotted name: array} for every parameter (the arrays themselves, not copies, as PyTorch)."""
-        return {name: p.data for name, p in self.named_parameters()}
+        """{dotted name: array} for every parameter (the arrays themselves, not copies, as PyTorch), plus any
+        extra state (a 4-bit layer's quantization statistics, under bitsandbytes' key names)."""
+        sd = {name: p.data for name, p in self.named_parameters()}
+        for path, mod in self.named_modules():
+            for k, v in mod._extra_state().items():
+                sd[f"{path}.{k}" if path else k] = v
+        return sd
 
     def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
         """Copy arrays into the parameters in place (cast to each parameter's dtype).
@@ -144,8 +156,14 @@ class Module:
         strict=True raises ValueError listing missing and unexpected keys; a shape mismatch always raises
         ValueError naming the key and both shapes. Nothing is written unless every check passes."""
         params = dict(self.named_parameters())
-        missing = [k for k in params if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in params]
+        extras = {}                                               # module -> {local key: full key}
+        for path, mod in self.named_modules():
+            for k in mod._extra_state():
+                extras.setdefault(id(mod), (mod, {}))[1][k] = f"{path}.{k}" if path else k
+        expected = list(params) + [full for _, keys in extras.values() for full in keys.values()]
+        expected_set = set(expected)
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected_set]
         if strict and (missing or unexpected):
             raise ValueError(f"error loading state_dict into {type(self).__name__}: "
                              f"missing keys {missing}, unexpected keys {unexpected}")
@@ -153,6 +171,9 @@ class Module:
             if k in params and tuple(v.shape) != tuple(params[k].data.shape):
                 raise ValueError(f"size mismatch for {k}: the checkpoint has shape {tuple(v.shape)}, "
                                  f"the model has {tuple(params[k].data.shape)}")
+        for mod, keys in extras.values():
+            if all(full in state_dict for full in keys.values()):
+                mod._load_extra_state({k: state_dict[full] for k, full in keys.items()})
         for k, v in state_dict.items():
             if k in params:
                 p = params[k]
