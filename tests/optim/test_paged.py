@@ -261,6 +261,8 @@ def test_tiny_gpt_trains_bit_identically_with_paged_adamw_under_evictions():
             opt.zero_grad()
             losses.append(loss)
         assert losses[0] == losses[1]                                   # same bits in, same loss out
+        for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters()):
+            assert np.array_equal(p.data, q.data), (step, name)        # the whole trajectory, not just the end
         pool.step = step
         pool.allocate("activations", 900_000, "activations")          # a spike evicts ~0.9 MB of state pages
         pool.free("activations")
