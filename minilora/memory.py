@@ -7,7 +7,7 @@ Parameters (ModelShape; LLaMA and GPT-3 use their published shapes)
     per block:  attention  q, k, v, o: 4·d²         (or one fused c_attn d→3d plus c_proj d→d, same count)
                 MLP        SwiGLU (LLaMA): gate, up, down = 3·d·f      GELU (GPT): c_fc, c_proj = 2·d·f
                 norms      2 per block: d each (RMSNorm, or LayerNorm without bias) or 2d (LayerNorm weight + bias)
-    biases     d_out per linear if shape.bias (GPT-2/3, minilora's GPT); none in LLaMA
+                biases     d_out per linear if shape.bias (GPT-2/3, minilora's GPT); none in LLaMA
     outside:    token embedding V·d (+ learned positions P·d for GPT), final norm, lm_head V·d unless tied.
     LoRA on a d_in→d_out linear adds A (r, d_in) and B (d_out, r): r·(d_in + d_out) trainable parameters.
     PEFT's "all-linear" = every linear inside the blocks, not lm_head.
@@ -28,18 +28,24 @@ Bytes per value (defaults)
             bitsandbytes' paged AdamW 32-bit: its fp32 states are counted on the GPU here, because paging only
             evicts them to CPU RAM when a spike would otherwise run out of memory.
 
-Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 2)
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+arXiv 2205.05198, §4 "Activation Memory")
     one block keeps  s·b·d·(34 + 5·a·s/d)  bytes  (16-bit activations, dropout masks, no tensor parallelism;
     s = seq_len, b = batch_size, d = d_model, a = n_heads; the 5·a·s² part is attention scores/softmax/dropout).
     It is derived for a GPT block with a 4d GELU MLP; for LLaMA's SwiGLU it is an approximation. Read as
     16 values of s·b·d and 2 of a·s²·b at 2 bytes, plus 1-byte dropout masks (2·s·b·d + a·s²·b), it generalises to
     other widths: float32 without dropout (minilora's NumPy GPT) keeps 64·s·b·d + 8·a·s²·b.
     outside the blocks: 5·s·b·d (embedding dropout mask, final norm and lm_head inputs) + 4·s·b·V (fp32 logits kept
-                        for the cross-entropy), Korthikanti et al. §4.3.
+                        for the cross-entropy), the same paper's terms for the input and output layers.
     no checkpointing:   n_layer · block + outside
     checkpointing:      n_layer · 2·s·b·d (each block's 16-bit input) + one block recomputed in the backward + outside
     The same formula is used for every method: a frozen base still stores what the backward needs to reach the
     adapters of the lower blocks. Not modelled: CUDA context, allocator fragmentation, temporary buffers.
+
+Defaults per method (METHOD_DEFAULTS; any of them can be overridden)
+    lora    r=8 on q, v, no checkpointing: PEFT LoraConfig's r and its LLaMA target_modules (q_proj, v_proj).
+    qlora   r=64 on all linear layers, gradient checkpointing: qlora.py and the Guanaco scripts.
+    all     seq_len 512, batch_size 1 (the papers give no single setting; choose yours with --seq-len/--batch-size).
 
 Units: GB = 1e9 bytes (the papers' unit); MiB = 2**20 bytes.
 """
@@ -232,7 +238,7 @@ def nf4_tensor_bytes(n: int, blocksize: int = 64, double_quant: bool = True, nes
 # ---------------------------------------------------------------------------------------------------- activations
 def activation_bytes(model, seq_len: int, batch_size: int, gradient_checkpointing: bool = False,
                      bytes_per_value: int = 2, dropout: bool = True) -> dict:
-    """Activation bytes kept for the backward (Korthikanti et al. 2022 eq. 2), split into parts; see the docstring.
+    """Activation bytes kept for the backward (Korthikanti et al. 2022), split into parts; see the module docstring.
 
     Their 34·s·b·d + 5·a·s²·b is 16 values of s·b·d and 2 of a·s²·b per block at 2 bytes each, plus 1-byte dropout
     masks (2·s·b·d + a·s²·b). bytes_per_value=4, dropout=False gives the same count for a float32 model without

@@ -74,7 +74,7 @@ def test_quantization_md_65B_linear_weights_at_4127_bits_are_33_5GB():
 
 
 def test_qlora_sec2_llama7b_4bit_base_about_5GB():
-    # QLoRA §2: "the 4-bit base model consumes 5,048 MB" (7B, measured on a GPU). Our count: NF4+DQ linears plus
+    # QLoRA §2: the 4-bit base model of LLaMA-7B takes 5,048 MB (measured on a GPU). Our count: NF4+DQ linears plus
     # embeddings/norms/lm_head in fp32 as PEFT's prepare_model_for_kbit_training leaves them = 4,391 MB, i.e. 13 %
     # below; with them in bf16 (qlora.py casts embeddings to bf16) 3,866 MB. The rest is what we do not model
     # (CUDA context, allocator, buffers), so the tolerance is 0.85-0.90 of the paper's figure, pinned both ways.
@@ -86,7 +86,7 @@ def test_qlora_sec2_llama7b_4bit_base_about_5GB():
 
 
 def test_qlora_sec2_lora_input_gradients_567MB_vs_18MB_with_checkpointing():
-    # QLoRA §2 (7B, bs 1): activations for the input gradients 567 MB; with checkpointing "18 MB per sequence".
+    # QLoRA §2 (7B, bs 1): LoRA input gradients take 567 MB; with gradient checkpointing 18 MB per sequence.
     # The paper does not give the sequence length; the Korthikanti formula reaches 567 MB at s = 113 tokens.
     # The two paper figures relate as one block to all 32 blocks (567/18 = 31.5 ~ n_layer = 32), which is exactly
     # what checkpointing does to the per-block term: only one block is recomputed at a time. Our checkpointed
@@ -104,7 +104,7 @@ def test_activation_formula_korthikanti_eq2():
     s, b = 32, 2
     a = activation_bytes(sh, s, b)
     assert a["per_block"] == s * b * 64 * (34 + 5 * 4 * s / 64)
-    outside = 5 * s * b * 64 + 4 * s * b * 100                            # Korthikanti §4.3: sbh + 2sbh + 2sbh + 4sbv
+    outside = 5 * s * b * 64 + 4 * s * b * 100                            # emb. dropout mask + ln_f, lm_head inputs + fp32 logits
     assert a["total"] == 3 * a["per_block"] + outside
     g = activation_bytes(sh, s, b, gradient_checkpointing=True)
     assert g["total"] == 3 * 2 * s * b * 64 + a["per_block"] + outside
@@ -124,7 +124,7 @@ def test_lora_table4_gpt3_wq_wv_trainable_params(r, expected, printed):
 
 
 def test_lora_sec42_gpt3_r4_checkpoint_18_9M_params_36MiB_paper_35MB_from_350GB():
-    # LoRA §4.2: "reduce the checkpoint size by roughly 10,000x (from 350GB to 35MB)" at r=4 on Wq, Wv.
+    # LoRA §4.2: at r=4 on Wq, Wv the checkpoint shrinks about 10,000x, from 350 GB to 35 MB.
     e = estimate("gpt3-175b", "lora", r=4, targets="q,v", include_activations=False)
     assert e.trainable_params == 18_874_368                                # Table 5's "18M" budget
     assert e.breakdown["adapters"] == 37_748_736                           # 16-bit
