@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 
 from minilora.nn.module import Module
-from minilora.nn.parameter import Parameter
 from minilora.peft.model import PeftModel, is_linear4bit
 
 
@@ -40,7 +39,8 @@ def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = T
     target_modules: "all-linear" (every Linear not in skip_modules), a list of names (exact or dotted suffix) or a
     regex str (full match). skip_modules follows the list rule; the output layer stays in float by default, as
     transformers keeps `lm_head` unquantized. Raises ValueError when nothing matches."""
-    from minilora.nn import Linear, Linear4bit  # noqa: PLC0415
+    from minilora.nn import Linear  # noqa: PLC0415
+    from minilora.nn.linear4bit import Linear4bit  # noqa: PLC0415
     if isinstance(model, PeftModel):
         raise ValueError("quantize the base model before get_peft_model (QLoRA wraps Linear4bit layers)")
     skip = list(skip_modules or ())
@@ -73,10 +73,13 @@ def prepare_model_for_kbit_training(model):
 
 
 def _arrays(obj, seen, depth=0):
-    """Every array (anything with .nbytes and .dtype) reachable from obj, each once; Modules and caches excluded."""
+    """Every NumPy/CuPy array reachable from obj (through lists, dicts and attributes), each once.
+
+    Skipped: child Modules, forward caches (`_cache`), and 4-bit code tables (`code`: 16 or 256 constants that
+    bitsandbytes shares across all layers and does not count in its 4.127 bits per parameter)."""
     if id(obj) in seen or depth > 6 or isinstance(obj, Module):
         return
-    if hasattr(obj, "nbytes") and hasattr(obj, "dtype") and hasattr(obj, "shape"):
+    if hasattr(obj, "__array_interface__") or hasattr(obj, "__cuda_array_interface__"):   # NumPy / CuPy
         seen.add(id(obj))
         yield obj
         return
@@ -86,9 +89,9 @@ def _arrays(obj, seen, depth=0):
     elif isinstance(obj, (list, tuple)):
         items = obj
     elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        items = [v for k, v in vars(obj).items() if not k.startswith("_cache")]
+        items = [v for k, v in vars(obj).items() if not k.startswith("_cache") and k != "code"]
     elif hasattr(obj, "__slots__"):
-        items = [getattr(obj, s, None) for s in obj.__slots__]
+        items = [getattr(obj, k, None) for k in obj.__slots__ if k != "code"]
     else:
         return
     for v in items:
@@ -106,8 +109,8 @@ def memory_report(model, optimizer=None) -> dict:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if four and p is m.weight:
-                rep["frozen_4bit" if not p.requires_grad else "trainable"] += int(p.data.nbytes)
+            if four and p is m.weight:                # packed codes + their QuantState (absmax, nested absmax)
+                rep["frozen_4bit"] += sum(int(a.nbytes) for a in _arrays([p.data, p.quant_state], set()))
                 n = m.in_features * m.out_features
                 n_4bit += n
             else:
@@ -117,10 +120,6 @@ def memory_report(model, optimizer=None) -> dict:
             n_trainable += n if p.requires_grad else 0
             if p.grad is not None:
                 rep["gradients"] += int(p.grad.nbytes)
-        if four:   # quantization statistics: absmax codes, nested absmax, codebooks, ...
-            rep["frozen_4bit"] += sum(int(a.nbytes) for a in _arrays(
-                [v for k, v in vars(m).items() if not k.startswith("_cache") and not isinstance(v, Parameter)],
-                {id(p.data) for _, p in m._named_local_parameters()}))
     if optimizer is not None:
         rep["optimizer"] = sum(int(a.nbytes) for a in _arrays(getattr(optimizer, "state", {}), set()))
     rep["total"] = sum(rep[k] for k in ("frozen_float", "frozen_4bit", "trainable", "gradients", "optimizer"))

@@ -132,3 +132,28 @@ def test_file_layout_is_peft_layout(tmp_path):
     # PEFT reads the sub-folder adapter too
     theirs = peft.PeftModel.from_pretrained(torch_copy_of(GPT(GPTConfig(**CFG))), str(tmp_path / "other"))
     assert theirs.peft_config["default"].r == 3
+
+
+def test_modules_to_save_cross_over_both_ways(tmp_path):
+    """A trained copy of lm_head (PEFT's modules_to_save) is saved whole as base_model.model.lm_head.weight."""
+    base = GPT(GPTConfig(**CFG))
+    tree = torch_copy_of(base)
+    ours = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    randomize_B(ours)
+    head = ours.base_model.model.lm_head.modules_to_save["default"].weight
+    head.data[...] += 0.5                                # a "trained" head, different from the original
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tree, str(tmp_path / "ours"))
+    res = theirs.load_adapter(str(tmp_path / "ours"), adapter_name="again")
+    assert list(res.missing_keys) == [] and list(res.unexpected_keys) == []
+    t_head = theirs.base_model.model.lm_head.modules_to_save["default"].weight.detach().numpy()
+    assert np.array_equal(t_head, head.data)
+    # and back: PEFT's save of the same model loads here with the same head and LoRA weights
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = PeftModel.from_pretrained(GPT(GPTConfig(**CFG)), tmp_path / "theirs")
+    assert back._load_results["default"].missing_keys == []
+    assert np.array_equal(back.base_model.model.lm_head.modules_to_save["default"].weight.data, head.data)
+    back.eval()
+    ours.eval()
+    idx = np.random.default_rng(0).integers(0, 32, (2, 8))
+    assert np.array_equal(back(idx)[0], ours(idx)[0])

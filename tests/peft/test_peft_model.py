@@ -298,3 +298,52 @@ def test_unload_gives_back_the_original_model():
     randomize_B(pm)
     base = pm.unload()
     assert np.array_equal(base(idx)[0], ref)
+
+
+def test_modules_to_save_trains_a_copy_and_saves_it_whole(tmp_path):
+    from minilora.peft import ModulesToSaveWrapper
+    idx, tgt = batch(5)
+    ref, _ = gpt()(idx)
+    pm = get_peft_model(gpt(), LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    assert isinstance(pm.base_model.model.lm_head, ModulesToSaveWrapper)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in trainable
+    assert "base_model.model.lm_head.original_module.weight" not in trainable
+    lora = L * 2 * (C + 3 * C)
+    assert pm.get_nb_trainable_parameters() == (lora + V * C, n_base() + lora + V * C)   # PEFT counts both copies
+    original = pm.base_model.model.lm_head.original_module.weight.data.copy()
+    opt = AdamW(pm.named_parameters(), lr=1e-2)
+    for _ in range(2):
+        pm.zero_grad()
+        pm(idx, tgt)
+        pm.backward()
+        opt.step()
+    head = pm.base_model.model.lm_head
+    assert np.array_equal(head.original_module.weight.data, original)
+    assert not np.array_equal(head.modules_to_save["default"].weight.data, original)
+    with pm.disable_adapter():                                  # no LoRA, original head: the base model exactly
+        assert np.array_equal(pm(idx)[0], ref)
+    y, _ = pm(idx)
+    pm.save_pretrained(tmp_path)
+    from safetensors.numpy import load_file
+    keys = set(load_file(str(tmp_path / WEIGHTS_NAME)))
+    assert "base_model.model.lm_head.weight" in keys and len(keys) == 4 * L // 2 + 1
+    back = PeftModel.from_pretrained(gpt(), tmp_path)
+    assert np.array_equal(back(idx)[0], y)
+    merged = pm.merge_and_unload()
+    assert type(merged.lm_head) is Linear
+    np.testing.assert_allclose(merged(idx)[0], y, rtol=1e-5, atol=1e-6)
+
+
+def test_round_trip_on_every_backend(xp, tmp_path):
+    """Build, save and reload on the current backend (NumPy; CuPy when a GPU is present): same logits."""
+    idx = xp.asarray(batch(6)[0])
+    pm = get_peft_model(gpt(), LoraConfig(r=3, lora_alpha=6, target_modules="all-linear"), rng=default_rng(1))
+    for _, m in pm.base_model.lora_layers():
+        m.lora_B["default"].data[...] = 0.05
+    pm.eval()
+    y, _ = pm(idx)
+    pm.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(gpt(), tmp_path)
+    assert type(back.base_model.model.lm_head.weight.data) is type(y)
+    assert bool((back(idx)[0] == y).all())
