@@ -99,33 +99,38 @@ class LoraModel(Module):
             raise TypeError(f"expected a LoraConfig, got {type(config).__name__}")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
-        # modules inside a LoRA wrapper (its base_layer) are never targets themselves
-        wrapped = [n for n, m in self.model.named_modules() if sl.is_lora_layer(m)]
-        names = [n for n, _ in self.model.named_modules()
-                 if n and not any(n.startswith(w + ".") for w in wrapped)]
-        linear = [n for n in names if is_adaptable(self.model.get_submodule(n)) or n in wrapped]
+        # modules inside a wrapper (a LoRA layer's base_layer, a saved module's copies) are never targets themselves
+        wrappers = [n for n, m in self.model.named_modules() if sl.is_lora_layer(m)
+                    or isinstance(m, ModulesToSaveWrapper)]
+        names = [n for n, _ in self.model.named_modules() if n and not any(n.startswith(w + ".") for w in wrappers)]
+        mods = {n: self.model.get_submodule(n) for n in names}
+        linear = [n for n in names if is_adaptable(mods[n]) or sl.is_lora_layer(mods[n])]
         config = dataclasses.replace(config, target_modules=resolve_target_modules(config, self.model, names, linear))
         warn_fan_in_fan_out(config)
         targets = find_targets(config, names)
         bad = [n for n in targets if n not in linear]
         if bad:
-            raise ValueError(f"Target module {bad[0]!r} ({type(self.model.get_submodule(bad[0])).__name__}) is not "
-                             "supported. Currently, only Linear and Linear4bit layers can get a LoRA adapter "
+            raise ValueError(f"Target module {bad[0]!r} ({type(mods[bad[0]]).__name__}) is not supported. "
+                             "Currently, only Linear and Linear4bit layers can get a LoRA adapter "
                              f"({len(bad)} unsupported match(es): {bad[:5]})")
-        nn = _nn()
-        rng = default_rng(0) if rng is None else rng       # one seeded stream for all new layers: reproducible
-        for name in targets:
-            m = self.model.get_submodule(name)
-            r, alpha = config.r_for(name), config.alpha_for(name)
-            base = m.base_layer if sl.is_lora_layer(m) else m
-            if r > min(base.in_features, base.out_features):
+        for name in targets:                           # check every layer before changing any
+            base = mods[name].base_layer if sl.is_lora_layer(mods[name]) else mods[name]
+            r, lim = config.r_for(name), min(base.in_features, base.out_features)
+            if r > lim:
                 raise ValueError(f"r={r} is larger than min(in_features, out_features) = "
                                  f"min({base.in_features}, {base.out_features}) for {name!r}: B A would have rank "
-                                 f"at most {min(base.in_features, base.out_features)}, so the extra rank is wasted")
-            kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                                 f"at most {lim}, so the extra rank is wasted")
+        nn = _nn()
+        explicit_rng = rng is not None
+        rng = default_rng(0) if rng is None else rng       # one seeded stream for all new layers: reproducible
+        for name in targets:
+            m = mods[name]
+            kwargs = dict(r=config.r_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
                           init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
             if sl.is_lora_layer(m):
-                m.update_layer(adapter_name, **kwargs)     # an existing wrapper draws from its own generator
+                if explicit_rng:
+                    m._rng = rng                           # the layer draws A (and dropout masks) from its _rng
+                m.update_layer(adapter_name, **kwargs)
             else:
                 cls = nn.QLoRALinear if is_linear4bit(m) else nn.LoRALinear
                 self.model.set_submodule(name, cls(m, adapter_name=adapter_name, rng=rng, **kwargs))
@@ -134,7 +139,7 @@ class LoraModel(Module):
                 if path == name or path.endswith("." + name):
                     if isinstance(m, ModulesToSaveWrapper):
                         m.update(adapter_name)
-                    elif not any(path.startswith(w + ".") for w in wrapped):
+                    elif not any(path.startswith(w + ".") for w in wrappers):
                         self.model.set_submodule(path, ModulesToSaveWrapper(m, adapter_name))
         self.peft_config[adapter_name] = config
 

@@ -347,3 +347,40 @@ def test_round_trip_on_every_backend(xp, tmp_path):
     back = PeftModel.from_pretrained(gpt(), tmp_path)
     assert type(back.base_model.model.lm_head.weight.data) is type(y)
     assert bool((back(idx)[0] == y).all())
+
+
+def test_a_failed_injection_leaves_the_model_unchanged():
+    m = gpt()
+    with pytest.raises(ValueError, match=r"r=17 is larger than min.*'transformer.h.0.mlp.c_fc'"):
+        get_peft_model(m, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], rank_pattern={"c_fc": 17}))
+    assert not [n for n, x in m.named_modules() if hasattr(x, "lora_A")]
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_second_adapter_never_targets_inside_wrappers():
+    pm = get_peft_model(gpt(), LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules="all-linear"))
+    assert pm.peft_config["b"].target_modules == ["c_attn", "c_fc", "c_proj"]
+    assert not [n for n, _ in pm.base_model.lora_layers() if "base_layer" in n or "lm_head" in n]
+    with pytest.raises(ValueError, match="not found"):
+        pm.add_adapter("c", LoraConfig(r=2, target_modules=["base_layer"]))
+
+
+def test_fan_in_fan_out_is_corrected_with_a_warning():
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        pm = get_peft_model(gpt(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert pm.peft_config["default"].fan_in_fan_out is False
+
+
+def test_peft_model_forwards_like_the_base_model():
+    pm = get_peft_model(gpt(), LoraConfig(r=2, target_modules=["c_attn"]))
+    assert pm.config.n_embd == C                              # attributes fall through to the wrapped GPT
+    assert pm.get_base_model() is pm.base_model.model
+    out = pm.generate(np.zeros((1, 1), dtype=np.int64), 3, rng=default_rng(0))
+    assert out.shape == (1, 4)
+    pm.eval()
+    assert not any(m.training for m in pm.modules())
+    pm.train()
+    assert all(m.training for m in pm.modules())
+    with pytest.raises(ValueError, match="already a PeftModel"):
+        get_peft_model(pm, LoraConfig(target_modules=["c_fc"]))
