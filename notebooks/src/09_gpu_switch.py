@@ -1,0 +1,230 @@
+# %% [markdown]
+# # 09 · The GPU switch: the same code on NumPy and CuPy
+#
+# No minilora compute module imports NumPy. Each one asks `minilora.backend` for its array module:
+# `xp = get_array_module(x)` follows the input array, `xp = xp_current()` is where new arrays are created. CuPy
+# implements NumPy's API on CUDA GPUs, so switching the backend moves every matmul, every quantizer and the whole GPT
+# to the GPU without a line of model code changing.
+#
+# This notebook runs the same experiments on NumPy and, when a CUDA GPU with CuPy is present, on CuPy, and compares
+# them: quantized **bytes** must be identical, floats must agree to rounding, and the GPU should be faster. Without a
+# GPU (as in CI) it runs everything on NumPy and says so.
+
+# %%
+%matplotlib inline
+import platform
+import time
+
+import numpy as np
+
+import minilora
+from minilora import backend
+from minilora.backend import BackendUnavailableError, to_numpy, use_backend
+
+print(f"python {platform.python_version()} | numpy {np.__version__} | minilora {minilora.__version__} "
+      f"| backend {minilora.get_backend()}")
+
+# %% [markdown]
+# ## 1. Which backends can run here?
+#
+# Asking for CuPy where it cannot run raises `BackendUnavailableError` with the reason (not installed, or no CUDA
+# device). Nothing falls back silently; this notebook catches the error and decides explicitly.
+
+# %%
+try:
+    with use_backend("cupy") as cp:
+        GPU = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    BACKENDS = ["numpy", "cupy"]
+    print(f"CuPy {cp.__version__} on {GPU}: every experiment runs on NumPy and on CuPy")
+except BackendUnavailableError as e:
+    GPU = None
+    BACKENDS = ["numpy"]
+    print("No usable GPU, so every experiment runs on NumPy only. The reason:\n ", e)
+
+# %% [markdown]
+# Three equivalent ways to switch, in order of precedence:
+#
+# ```python
+# with minilora.use_backend("cupy"): ...     # a block
+# minilora.set_backend("cupy")               # from now on
+# MINILORA_BACKEND=cupy python train.py      # the environment, read at import time
+# ```
+#
+# Each experiment below is one function of the backend name, run under `use_backend(name)`; results come back to the
+# host with `to_numpy` for comparison. Timings synchronize the GPU first (CuPy launches kernels asynchronously).
+
+# %%
+def sync(xp):
+    if xp.__name__ == "cupy":
+        xp.cuda.Device().synchronize()
+
+
+def timed(fn, xp, repeat=3):
+    """Best wall time of fn() over `repeat` runs (after one warm-up run, which also compiles CuPy kernels)."""
+    fn()
+    sync(xp)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(xp)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# %% [markdown]
+# ## 2. Experiment A: NF4 quantization of the pinned input
+#
+# The input is created once on the host (the golden numbers' $1024\times1024$ matrix) and copied to the backend with
+# `xp.asarray`. `quantize_4bit` runs where its input lives. The packed bytes and absmax are exact integers/floats
+# computed by the same operations, so NumPy and CuPy must produce **identical bytes**, and the mean error must be
+# bitsandbytes' 0.072813.
+
+# %%
+from minilora.quant import dequantize_4bit, quantize_4bit
+
+x_host = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)   # (1024, 1024)
+
+
+def experiment_quant(name):
+    with use_backend(name) as xp:
+        x = xp.asarray(x_host)                                                         # host -> device (CuPy)
+        packed, state = quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+        err = float(xp.abs(dequantize_4bit(packed, state) - x).mean())
+        t_q = timed(lambda: quantize_4bit(x, blocksize=64, quant_type="nf4"), xp)
+        t_d = timed(lambda: dequantize_4bit(packed, state), xp)
+        return {"packed": to_numpy(packed), "absmax_codes": to_numpy(state.absmax), "err": err,
+                "array_type": type(packed).__module__ + "." + type(packed).__name__,
+                "t_quant": t_q, "t_dequant": t_d, "nbytes": int(state.nbytes)}             # codes + statistics
+
+
+quant = {name: experiment_quant(name) for name in BACKENDS}
+for name, r in quant.items():
+    print(f"{name:<6} {r['array_type']:<18} NF4+DQ mean |err| {r['err']:.6f} (ref 0.072884) | quantize "
+          f"{r['t_quant'] * 1e3:6.1f} ms | dequantize {r['t_dequant'] * 1e3:6.1f} ms | {r['nbytes']:,} bytes")
+
+# %% [markdown]
+# The bytes comparison: on a GPU machine this is the real test of the switch (the same check runs in minilora's test
+# suite for every quantizer, parametrized over the backends).
+
+# %%
+if "cupy" in quant:
+    same = (np.array_equal(quant["numpy"]["packed"], quant["cupy"]["packed"])
+            and np.array_equal(quant["numpy"]["absmax_codes"], quant["cupy"]["absmax_codes"]))
+    print(f"packed NF4 bytes NumPy vs CuPy identical: {same} ({quant['numpy']['nbytes']:,} vs {quant['cupy']['nbytes']:,} bytes)")
+    print(f"quantize speed-up on the GPU: {quant['numpy']['t_quant'] / quant['cupy']['t_quant']:.1f}x, "
+          f"dequantize: {quant['numpy']['t_dequant'] / quant['cupy']['t_dequant']:.1f}x")
+else:
+    print("no GPU: NumPy only, nothing to compare the bytes with. The NumPy bytes are bitsandbytes' bytes:")
+    print(f"first 8 packed bytes {quant['numpy']['packed'].ravel()[:8].tobytes().hex(' ')}, "
+          f"{quant['numpy']['nbytes']:,} bytes in total = {8 * quant['numpy']['nbytes'] / x_host.size:.4f} bits/param")
+
+# %% [markdown]
+# ## 3. Experiment B: a LoRA layer's forward and backward
+#
+# $y = xW_0^\top + b + s\,(xA^\top)B^\top$ and its hand-written backward (notebook 05), in float32. The base weights
+# are created on the host and loaded into each backend's layer, so both start from the same numbers. Floats from
+# different BLAS/cuBLAS kernels differ in the last bits (different summation order), so we compare with a relative
+# tolerance instead of bytes.
+
+# %%
+from minilora.backend import default_rng
+from minilora.nn import Linear, LoRALinear
+
+rng = np.random.default_rng(0)
+W0_h = (rng.standard_normal((512, 256)) / 16).astype(np.float32)                     # (D_out, D_in)
+A_h = (rng.standard_normal((16, 256)) / 16).astype(np.float32)                       # (r, D_in)
+B_h = (rng.standard_normal((512, 16)) / 16).astype(np.float32)                       # (D_out, r)
+xb_h = rng.standard_normal((4096, 256)).astype(np.float32)                           # (N, D_in)
+dy_h = rng.standard_normal((4096, 512)).astype(np.float32)                           # (N, D_out)
+
+
+def experiment_lora(name):
+    with use_backend(name) as xp:
+        layer = LoRALinear(Linear(256, 512, rng=default_rng(0)), r=16, lora_alpha=32)
+        layer.load_state_dict({"base_layer.weight": W0_h, "base_layer.bias": np.zeros(512, np.float32),
+                               "lora_A.default.weight": A_h, "lora_B.default.weight": B_h})
+        x, dy = xp.asarray(xb_h), xp.asarray(dy_h)
+
+        def step():
+            layer.zero_grad()
+            y = layer(x)                                                              # (N, D_out)
+            dx = layer.backward(dy)                                                   # (N, D_in)
+            return y, dx
+
+        y, dx = step()
+        t = timed(step, xp)
+        return {"y": to_numpy(y), "dx": to_numpy(dx), "dA": to_numpy(layer.lora_A["default"].grad),
+                "dB": to_numpy(layer.lora_B["default"].grad), "t": t}
+
+
+lora = {name: experiment_lora(name) for name in BACKENDS}
+for name, r in lora.items():
+    print(f"{name:<6} forward+backward of a 256->512 LoRA layer (r=16) on 4096 rows: {r['t'] * 1e3:6.1f} ms, "
+          f"|y|mean {np.abs(r['y']).mean():.5f}")
+if "cupy" in lora:
+    for k in ["y", "dx", "dA", "dB"]:
+        a, b = lora["numpy"][k], lora["cupy"][k]
+        print(f"  {k:<2}: max relative difference NumPy vs CuPy {np.abs(a - b).max() / np.abs(a).max():.1e}")
+    print(f"  speed-up {lora['numpy']['t'] / lora['cupy']['t']:.1f}x")
+
+# %% [markdown]
+# ## 4. Experiment C: a training step of the tiny GPT
+#
+# The whole model: embedding, attention, MLP, LayerNorm, cross-entropy, every backward. The weights are initialised
+# on NumPy (CuPy's random stream differs from NumPy's for the same seed) and loaded into each backend's model.
+
+# %%
+from minilora.nn import GPT, GPTConfig
+
+cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)
+with use_backend("numpy"):
+    weights = {k: np.asarray(v) for k, v in GPT(cfg).state_dict().items()}
+idx_h = np.random.default_rng(1).integers(0, 256, (8, 65))                           # (B, T+1) token ids
+
+
+def experiment_gpt(name):
+    with use_backend(name) as xp:
+        model = GPT(cfg)
+        model.load_state_dict(weights)
+        idx = xp.asarray(idx_h)
+
+        def step():
+            model.zero_grad()
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            model.backward()
+            return loss
+
+        loss = step()
+        t = timed(step, xp)
+        grad = to_numpy(model.lm_head.weight.grad)
+        return {"loss": loss, "grad": grad, "t": t}
+
+
+gpt = {name: experiment_gpt(name) for name in BACKENDS}
+for name, r in gpt.items():
+    print(f"{name:<6} loss {r['loss']:.6f} (ln 256 = {np.log(256):.6f} for a uniform guess) | one step {r['t'] * 1e3:6.1f} ms")
+if "cupy" in gpt:
+    g_n, g_c = gpt["numpy"]["grad"], gpt["cupy"]["grad"]
+    print(f"  |loss NumPy - loss CuPy| = {abs(gpt['numpy']['loss'] - gpt['cupy']['loss']):.1e}; "
+          f"lm_head grad max relative difference {np.abs(g_n - g_c).max() / np.abs(g_n).max():.1e}; "
+          f"speed-up {gpt['numpy']['t'] / gpt['cupy']['t']:.1f}x")
+
+# %% [markdown]
+# ## 5. Summary
+#
+# One table of what ran where. On a GPU machine the last columns show the CuPy time and the ratio; here they say
+# why they are empty.
+
+# %%
+rows = [("NF4 quantize 1M values", quant, "t_quant"), ("NF4 dequantize 1M values", quant, "t_dequant"),
+        ("LoRA layer fwd+bwd", lora, "t"), ("tiny GPT train step", gpt, "t")]
+print(f"{'experiment':<26} {'NumPy':>10} {'CuPy':>10} {'ratio':>7}")
+for label, res, key in rows:
+    t_np = res["numpy"][key] * 1e3
+    if "cupy" in res:
+        t_cp = res["cupy"][key] * 1e3
+        print(f"{label:<26} {t_np:8.1f}ms {t_cp:8.1f}ms {t_np / t_cp:6.1f}x")
+    else:
+        print(f"{label:<26} {t_np:8.1f}ms {'(no GPU)':>10} {'-':>7}")
+print(f"\nbackend now: {minilora.get_backend()} (use_backend restored it after every experiment)")
