@@ -150,46 +150,46 @@ def _causal_mask(xp, T, dtype):
 def attention_forward(qkv, B, T, n_head):
     """qkv (N, 3C) with N = B·T, laid out [q | k | v] and heads contiguous inside each -> y (N, C).
 
-    p = softmax(q kᵀ / √hs + mask) per head, y = p v, heads concatenated back. cache = (q, k, v, p)."""
+    p = softmax(q kᵀ / √hs + mask) per head, y = p v, heads concatenated back. cache = (q/√hs, k, v, p, y)."""
     xp = get_array_module(qkv)
     C = qkv.shape[1] // 3
     hs = C // n_head
     qkv5 = qkv.reshape(B, T, 3, n_head, hs)        # (B, T, 3, H, hs) view
-    q = qkv5[:, :, 0].transpose(0, 2, 1, 3)        # (B, H, T, hs) views: each (T, hs) matrix is BLAS-ready
-    k = qkv5[:, :, 1].transpose(0, 2, 1, 3)        # (B, H, T, hs)
+    q = qkv5[:, :, 0].transpose(0, 2, 1, 3) * (1.0 / math.sqrt(hs))   # (B, H, T, hs) scaled here: N·C work, not N·T
+    k = qkv5[:, :, 1].transpose(0, 2, 1, 3)        # (B, H, T, hs) views: each (T, hs) matrix is BLAS-ready
     v = qkv5[:, :, 2].transpose(0, 2, 1, 3)        # (B, H, T, hs)
-    p = q @ k.transpose(0, 1, 3, 2)                # (B, H, T, T)  batched matmul
-    p *= 1.0 / math.sqrt(hs)
+    p = q @ k.transpose(0, 1, 3, 2)                # (B, H, T, T)  batched matmul: scores
     p += _causal_mask(xp, T, p.dtype)              # (B, H, T, T)  −inf above the diagonal
     p -= p.max(axis=-1, keepdims=True)             # stable softmax: the diagonal keeps every row finite
     xp.exp(p, out=p)
-    p /= p.sum(axis=-1, keepdims=True)             # (B, H, T, T)  rows sum to 1, masked entries exactly 0
+    p *= 1.0 / p.sum(axis=-1, keepdims=True)       # (B, H, T, T)  rows sum to 1, masked entries exactly 0
     y = p @ v                                      # (B, H, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # (N, C)  heads side by side again (one copy)
-    return y, (q, k, v, p)
+    return y, (q, k, v, p, y)
 
 
 def attention_backward(dy, cache):
     """dy (N, C) -> dqkv (N, 3C).
 
-    dv = pᵀ dy,  dp = dy vᵀ,  ds = p ⊙ (dp − Σ_j dp ⊙ p)   (softmax Jacobian applied row-wise),
-    dq = ds k / √hs,  dk = dsᵀ q / √hs.   Masked entries have p = 0, so they get no gradient."""
-    q, k, v, p = cache
+    dv = pᵀ dy,  dp = dy vᵀ,  ds = p ⊙ (dp − D)  with D_i = Σ_j dp_ij p_ij  (the softmax Jacobian, row-wise),
+    dq = ds k / √hs,  dk = dsᵀ q / √hs.   Masked entries have p = 0, so they get no gradient.
+    D is computed FlashAttention's way: Σ_j dp_ij p_ij = Σ_j (dy_i·v_j) p_ij = dy_i·y_i, a (T, hs) product per
+    head instead of a (T, T) one."""
+    q, k, v, p, y = cache
     xp = get_array_module(dy)
     B, H, T, hs = q.shape
     dy4 = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)   # (B, H, T, hs) view
+    y4 = y.reshape(B, T, H, hs).transpose(0, 2, 1, 3)     # (B, H, T, hs) view
+    D = (dy4 * y4).sum(axis=-1, keepdims=True)            # (B, H, T, 1)
     dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)     # (B, T, 3, H, hs)
     dqkv[:, :, 2] = (p.transpose(0, 1, 3, 2) @ dy4).transpose(0, 2, 1, 3)   # dv
     ds = dy4 @ v.transpose(0, 1, 3, 2)             # (B, H, T, T)  dp
-    ds -= (ds * p).sum(axis=-1, keepdims=True)     # (B, H, T, T)
-    ds *= p                                        # (B, H, T, T)  gradient of the pre-softmax scores
-    scale = 1.0 / math.sqrt(hs)
+    ds -= D
+    ds *= p                                        # (B, H, T, T)  gradient of the (scaled) scores
     dq = ds @ k                                    # (B, H, T, hs)
-    dq *= scale
+    dq *= 1.0 / math.sqrt(hs)
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
-    dk = ds.transpose(0, 1, 3, 2) @ q              # (B, H, T, hs)
-    dk *= scale
-    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = (ds.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)   # dk (q already carries 1/√hs)
     return dqkv.reshape(B * T, 3 * H * hs)         # (N, 3C)
 
 
