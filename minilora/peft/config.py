@@ -91,7 +91,8 @@ class LoraConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             # PEFT's message (tuners/lora/layer.py::update_layer)
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+        a = self.lora_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < float("inf"):
             raise ValueError(f"`lora_alpha` should be a positive number but the value passed is {self.lora_alpha!r} "
                              "(the scaling lora_alpha/r would zero or flip the adapter)")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
@@ -119,10 +120,11 @@ class LoraConfig:
         for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
                 raise ValueError(f"`{name}` must be a dict of module-name pattern -> value, got {pat!r}")
+            kind = "integer" if name == "rank_pattern" else "number"
             for k, v in pat.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (name == "rank_pattern"
-                                                                                       and int(v) != v):
-                    raise ValueError(f"`{name}[{k!r}]` = {v!r} must be a positive {'integer' if name == 'rank_pattern' else 'number'}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf") \
+                        or (kind == "integer" and int(v) != v):
+                    raise ValueError(f"`{name}[{k!r}]` = {v!r} must be a positive {kind}")
 
     @property
     def is_prompt_learning(self) -> bool:  # PEFT API; LoRA is never prompt learning

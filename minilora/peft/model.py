@@ -57,6 +57,11 @@ class ModulesToSaveWrapper(Module):
         self.disable_adapters = False
         self.update(adapter_name)
 
+    def __getattr__(self, name):                   # `wrapper.weight` etc. read the module in use, as in PEFT
+        if name.startswith("_") or "original_module" not in vars(self):
+            raise AttributeError(name)
+        return getattr(self._active(), name)
+
     def update(self, adapter_name: str):
         copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():
@@ -120,6 +125,11 @@ class LoraModel(Module):
                 raise ValueError(f"r={r} is larger than min(in_features, out_features) = "
                                  f"min({base.in_features}, {base.out_features}) for {name!r}: B A would have rank "
                                  f"at most {lim}, so the extra rank is wasted")
+        saved = [n for n in names if any(n == t or n.endswith("." + t) for t in config.modules_to_save or [])]
+        four = [n for n in saved if is_linear4bit(mods[n])]
+        if four:
+            raise ValueError(f"modules_to_save cannot train a 4-bit layer ({four[0]!r}: its codes are frozen); keep "
+                             "that module in float (quantize_model's skip_modules) or target it with LoRA instead")
         nn = _nn()
         explicit_rng = rng is not None
         rng = default_rng(0) if rng is None else rng       # one seeded stream for all new layers: reproducible
@@ -134,13 +144,12 @@ class LoraModel(Module):
             else:
                 cls = nn.QLoRALinear if is_linear4bit(m) else nn.LoRALinear
                 self.model.set_submodule(name, cls(m, adapter_name=adapter_name, rng=rng, **kwargs))
-        for name in config.modules_to_save or []:
-            for path, m in list(self.model.named_modules()):
-                if path == name or path.endswith("." + name):
-                    if isinstance(m, ModulesToSaveWrapper):
-                        m.update(adapter_name)
-                    elif not any(path.startswith(w + ".") for w in wrappers):
-                        self.model.set_submodule(path, ModulesToSaveWrapper(m, adapter_name))
+        for path in saved:
+            m = mods[path]
+            if isinstance(m, ModulesToSaveWrapper):
+                m.update(adapter_name)
+            else:
+                self.model.set_submodule(path, ModulesToSaveWrapper(m, adapter_name))
         self.peft_config[adapter_name] = config
 
     def _mark_trainable(self) -> None:

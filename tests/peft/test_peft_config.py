@@ -33,6 +33,8 @@ def test_defaults_are_peft_defaults():
     (dict(r=2.5), "`r` should be a positive integer"),
     (dict(lora_alpha=0), "lora_alpha"),
     (dict(lora_alpha=-1.0), "lora_alpha"),
+    (dict(lora_alpha=float("nan")), "lora_alpha"),
+    (dict(lora_alpha=float("inf")), "lora_alpha"),
     (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(lora_dropout=-0.1), "lora_dropout"),
     (dict(bias="some"), "Requested bias"),

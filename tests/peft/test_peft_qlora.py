@@ -94,7 +94,7 @@ def test_fresh_qlora_adapter_is_a_no_op_and_trains_without_touching_nf4():
 
 
 def test_merge_into_4bit_warns_and_requantizes():
-    """merge_and_unload on NF4: Ŵ + ΔW is re-quantized (PEFT bnb.py), so outputs change by the rounding (PEFT #2321)."""
+    """merge_and_unload on NF4: Ŵ + ΔW is re-quantized (PEFT bnb.py): outputs change by the rounding (PEFT #2321)."""
     idx, _ = batch(2)
     pm = get_peft_model(qgpt(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]), rng=default_rng(0))
     rng = np.random.default_rng(0)
@@ -174,3 +174,10 @@ def test_bits_per_parameter_is_4127_at_scale():
     assert rep["n_4bit_params"] == n
     assert rep["bits_per_4bit_param"] == pytest.approx(8 * (n / 2 + n / 64 + 4 * n / 64 / 256 + 4) / n)
     assert round(rep["bits_per_4bit_param"], 3) == 4.127
+
+
+def test_modules_to_save_refuses_a_4bit_layer():
+    m = quantize_model(gpt(), skip_modules=())
+    with pytest.raises(ValueError, match="cannot train a 4-bit layer"):
+        get_peft_model(m, LoraConfig(target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    assert not [n for n, x in m.named_modules() if hasattr(x, "lora_A")]      # checked before any change
