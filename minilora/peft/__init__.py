@@ -1,10 +1,13 @@
 """minilora.peft: Hugging Face PEFT's LoRA API on minilora's NumPy/CuPy models, writing PEFT's adapter files.
 
+    from minilora.nn import GPT, GPTConfig
     from minilora.peft import LoraConfig, get_peft_model, PeftModel
-    model = get_peft_model(GPT(GPTConfig(...)), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
-    model.print_trainable_parameters()     # trainable params: 12,288 || all params: ... || trainable%: ...
+    cfg = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
+    model = get_peft_model(GPT(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    model.print_trainable_parameters()
+    # trainable params: 32,768 || all params: 3,356,160 || trainable%: 0.9764
     model.save_pretrained("out")           # adapter_config.json + adapter_model.safetensors, loadable by PEFT
-    model = PeftModel.from_pretrained(GPT(GPTConfig(...)), "out")
+    model = PeftModel.from_pretrained(GPT(cfg), "out")   # also reads adapters saved by PEFT
 
 Files: `config.py` (LoraConfig, target matching), `model.py` (get_peft_model, PeftModel, LoraModel),
 `save_and_load.py` (the adapter file format), `utils.py` (quantize_model, prepare_model_for_kbit_training,

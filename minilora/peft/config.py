@@ -61,7 +61,7 @@ SAVED_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "
 REQUIRED_KEYS = ("peft_type", "r", "lora_alpha", "target_modules")
 # Keys newer PEFT writes that do not change the forward pass, whatever their value.
 _HARMLESS_FOREIGN_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "loftq_config",
-                          "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying", "exclude_modules"}
+                          "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"}
 
 
 @dataclass

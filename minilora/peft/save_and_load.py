@@ -15,7 +15,9 @@ Loading follows `set_peft_model_state_dict` (PEFT `src/peft/utils/save_and_load.
 mismatch raises "size mismatch for <key>: ...", missing adapter keys give PEFT's warning "Found missing adapter
 keys while loading the checkpoint" (or a ValueError with strict=True), unexpected keys are ignored and reported.
 minilora also refuses non-finite weights and an adapter file with no LoRA tensors in it (PEFT #286: a 443-byte
-adapter with nothing inside). Mirrors PEFT `save_and_load.py`, `peft_model.py::save_pretrained/load_adapter`.
+adapter with nothing inside). Each file is written atomically (temp file + rename), tensors first, then the config;
+a crash between the two leaves the new tensors beside the old config, which loading catches when r disagrees with
+the shapes. Mirrors PEFT `save_and_load.py`, `peft_model.py::save_pretrained/load_adapter`.
 """
 from __future__ import annotations
 

@@ -384,3 +384,14 @@ def test_peft_model_forwards_like_the_base_model():
     assert all(m.training for m in pm.modules())
     with pytest.raises(ValueError, match="already a PeftModel"):
         get_peft_model(pm, LoraConfig(target_modules=["c_fc"]))
+
+
+def test_readme_line():
+    """The line printed in minilora.peft's docstring and the README (GPT 4 x 256, r=8 on c_attn)."""
+    cfg = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
+    pm = get_peft_model(GPT(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        pm.print_trainable_parameters()
+    assert out.getvalue() == "trainable params: 32,768 || all params: 3,356,160 || trainable%: 0.9764\n"
+    assert 32_768 == 4 * 8 * (256 + 3 * 256)           # layers x r x (in + out) of c_attn
