@@ -444,3 +444,35 @@ def test_tiny_gpt_activation_formula_within_band_of_measured_caches(method):
                                    include_activations=True)
     ratio = measured / est.breakdown["activations"]
     assert 0.95 < ratio < 1.30, f"measured {measured:,} B, predicted {est.breakdown['activations']:,} B"
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_tiny_gpt_qlora_estimate_equals_measured(double_quant):
+    # QLoRA on the tiny GPT: every Linear in the blocks becomes a Linear4bit (lm_head stays float32, as transformers
+    # keeps it), LoRA r=4 on all of them. Exact to the byte: codes, absmax statistics, the float32 rest, adapters,
+    # gradients, AdamW states. Code tables are counted separately: minilora's QuantState holds its own 16-entry NF4
+    # table and 256-entry dynamic map per tensor (share_dynamic_map=False); bitsandbytes shares the dynamic map.
+    from minilora.nn import GPT, GPTConfig
+    from minilora.peft import LoraConfig, get_peft_model, memory_report, prepare_model_for_kbit_training, quantize_model
+    cfg = GPTConfig(**TINY)
+    base = prepare_model_for_kbit_training(quantize_model(GPT(cfg), compress_statistics=double_quant))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    opt = _one_step(model, cfg)
+    est = memory.estimate_tiny_gpt(cfg, "qlora", r=4, targets="all-linear", double_quant=double_quant,
+                                   share_dynamic_map=False)
+    lines = {what.split(" (")[0].split(":")[0]: n for cat, what, n in est.details if cat == "weights"}
+    states = [m.quant_state for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(states) == cfg.n_layer * 4
+    assert sum(int(m.weight.data.nbytes) for m in model.modules() if type(m).__name__ == "Linear4bit") \
+        == lines["NF4 codes"]
+    stats = "DQ statistics" if double_quant else "fp32 absmax"
+    assert sum(q.stats_nbytes for q in states) == lines[stats]
+    tables = {id(a): a.nbytes for q in states for a in (q.code, q.state2.code if q.nested else None) if a is not None}
+    assert sum(tables.values()) == lines["code tables"]
+    rep = memory_report(model, opt)                                # PEFT-side report (leaves code tables out)
+    assert rep["frozen_4bit"] == lines["NF4 codes"] + lines[stats]
+    assert rep["frozen_float"] == est.breakdown["weights"] - rep["frozen_4bit"] - lines["code tables"]
+    assert rep["trainable"] == est.breakdown["adapters"]
+    assert rep["gradients"] == est.breakdown["gradients"]
+    assert rep["optimizer"] == est.breakdown["optimizer_states"]
+    assert rep["n_trainable"] == est.trainable_params
