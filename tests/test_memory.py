@@ -50,7 +50,7 @@ def test_qlora_abstract_llama65b_qlora_fits_under_48GB():
     # paged AdamW 32-bit (states counted on the GPU), gradient checkpointing; here seq 512, batch 1.
     e = estimate("llama-65b", "qlora", r=64, targets="all-linear", seq_len=512, batch_size=1,
                  gradient_checkpointing=True)
-    assert 44 * GB < e.total_bytes < 48 * GB                              # 45.02 GB
+    assert 44 * GB < e.total_bytes < 48 * GB                              # 45.04 GB
     assert e.trainable_params == 799_539_200
 
 
@@ -201,14 +201,14 @@ SEEDS_SETTING = dict(r=16, targets="all-linear", seq_len=512, batch_size=2, grad
 
 def test_seeds_lora_7b_needs_16_to_24GB():
     e = estimate("llama-7b", "lora", **SEEDS_SETTING)
-    assert 16 * GB < e.total_bytes < 24 * GB                               # 21.34 GB
+    assert 16 * GB < e.total_bytes < 24 * GB                               # 21.36 GB
     assert estimate("llama-7b", "lora", **{**SEEDS_SETTING, "batch_size": 1}).total_bytes > 16 * GB   # 17.7 GB
 
 
 def test_seeds_qlora_7b_needs_8_to_16GB():
     e = estimate("llama-7b", "qlora", **SEEDS_SETTING)
-    assert 8 * GB < e.total_bytes < 16 * GB                                # 11.72 GB
-    # and under the QLoRA paper's own recipe (r=64 all-linear, batch 16, checkpointing), seq 512: 10.79 GB
+    assert 8 * GB < e.total_bytes < 16 * GB                                # 11.75 GB
+    # and under the QLoRA paper's own recipe (r=64 all-linear, batch 16, checkpointing), seq 512: 10.96 GB
     recipe = estimate("llama-7b", "qlora", r=64, targets="all-linear", seq_len=512, batch_size=16,
                       gradient_checkpointing=True)
     assert 8 * GB < recipe.total_bytes < 16 * GB
