@@ -199,11 +199,19 @@ def build_torch(mode: str, init_state: dict):
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 def time_cases(cases: dict, batches: dict, rounds: int, steps_per_round: int) -> dict:
+    """Per-step seconds for each case, plus "matmul" (seconds of one 1024³ float32 matmul) measured in the same
+    rounds, so the floor is computed with the matmul rate the machine delivered while the steps ran."""
     times = {name: [] for name in cases}
+    times["matmul"] = []
+    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
     for name, step in cases.items():                        # warm-up: states, caches, first-touch page faults
         for b in batches[name][:2]:
             step(*b)
     for r in range(rounds):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ a
+            times["matmul"].append(time.perf_counter() - t0)
         for name, step in cases.items():
             for k in range(steps_per_round):
                 x, y = batches[name][(r * steps_per_round + k) % len(batches[name])]
@@ -224,14 +232,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 2 steps")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch / PEFT cases")
+    ap.add_argument("--threads", type=int, help="BLAS and torch threads (needs threadpoolctl; default: BLAS's)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps_per_round = 2, 2
 
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
     threads, blas = blas_threads()
     rate = matmul_rate()
-    print(f"NumPy {np.__version__} ({blas}), {threads} BLAS threads; float32 matmul 1024³: {rate:.1f} GFLOP/s")
+    print(f"NumPy {np.__version__} ({blas}), {threads} BLAS threads; float32 matmul 1024³: {rate:.1f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"GPT {CFG['n_layer']} layers x {CFG['n_embd']} wide, {CFG['n_head']} heads, vocab {CFG['vocab_size']}; "
           f"batch {BATCH} x {SEQ} tokens; LoRA r={R} alpha={ALPHA} on {TARGETS}")
 
@@ -271,6 +284,10 @@ def main(argv=None) -> int:
         print(f"{name}: {why}")
 
     times = time_cases(cases, batches, args.rounds, args.steps_per_round)
+    rate_during = 2 * 1024 ** 3 / statistics.median(times.pop("matmul")) / 1e9
+    print(f"float32 matmul 1024³ while the steps ran (median): {rate_during:.1f} GFLOP/s "
+          f"(best of 7 before: {rate:.1f})")
+    rate = rate_during
     res = {name: summary(ts) for name, ts in times.items()}
     for name in list(res):
         res[name]["first_loss"] = first_loss[name]
@@ -308,6 +325,9 @@ def main(argv=None) -> int:
     check("minilora QLoRA / minilora LoRA", qlora / lora if qlora and lora else None, 1.3)
     check("QLoRA peak / full peak", mem["qlora"]["peak_bytes"] / mem["full"]["peak_bytes"]
           if "qlora" in mem and "full" in mem else None, 0.35)
+    check("QLoRA persistent / full persistent",
+          mem["qlora"]["arrays"]["total"] / mem["full"]["arrays"]["total"]
+          if "arrays" in mem.get("qlora", {}) and "arrays" in mem.get("full", {}) else None, math.inf)
     check("minilora full / torch full", full / tfull if full and tfull else None, math.inf)
     print(f"\n{'ratio':<34} {'value':>7} {'target':>7}")
     for label, v, limit, verdict in checks:
@@ -317,7 +337,7 @@ def main(argv=None) -> int:
     if mem:
         print("\npersistent arrays after a step (memory_report), MiB, and the traced peak:")
         print(f"{'mode':<6} {'frozen':>8} {'4-bit':>7} {'train':>7} {'grads':>7} {'optim':>7} {'total':>7} "
-              f"{'peak':>7} {'peak-total':>10}")
+              f"{'peak':>7} {'peak-total':>10}   (peak-total: activations cached for backward + temporaries)")
         for mode, m in mem.items():
             a = m.get("arrays")
             if a:
