@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def save(fig, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the figures
-def fig_svd_truncation(out: Path) -> list:
+def fig_svd_truncation(out: Path, ctx: dict) -> list:
     """Singular values and rank-k truncation error of a low-rank-plus-noise matrix vs a Gaussian one (notebook 01)."""
     plt = _plt()
     rng = np.random.default_rng(0)
@@ -78,7 +79,7 @@ def fig_svd_truncation(out: Path) -> list:
     return [save(fig, out / "svd_truncation.png")]
 
 
-def fig_double_quant_memory(out: Path) -> list:
+def fig_double_quant_memory(out: Path, ctx: dict) -> list:
     """Bits per parameter (16, 4.5, 4.127) and the weights of LLaMA-7B / 65B stored each way (notebook 04)."""
     from minilora.memory import bits_per_param, get_shape, param_counts  # noqa: PLC0415
     plt = _plt()
@@ -115,7 +116,7 @@ def _pinned():
     return np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
 
 
-def fig_quant_error_hist(out: Path) -> list:
+def fig_quant_error_hist(out: Path, ctx: dict) -> list:
     """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats."""
     from minilora.quant.report import roundtrip  # noqa: PLC0415
     plt = _plt()
@@ -128,9 +129,10 @@ def fig_quant_error_hist(out: Path) -> list:
         for scheme in schemes:
             y, bits = roundtrip(x, scheme)
             e = (np.asarray(y) - x).ravel()
-            ax.hist(e, bins=bins, histtype="step", lw=1.4,
-                    label=f"{scheme}: mean |err| {np.abs(e).mean():.6f}, {bits:.3f} bits")
-        ax.set(yscale="log", title=title, xlabel=r"$\hat{x} - x$", ylabel="count")
+            counts, _ = np.histogram(e, bins=bins)
+            ax.stairs(np.maximum(counts, 0.5), bins, lw=1.4, baseline=None,   # 0.5: empty bins sit below 1 on log axes
+                      label=f"{scheme}: mean |err| {np.abs(e).mean():.6f}, {bits:.3f} bits")
+        ax.set(yscale="log", ylim=(0.8, None), title=title, xlabel=r"$\hat{x} - x$", ylabel="count")
         ax.legend(fontsize=7, loc="lower center")
     fig.suptitle("quantization error on randn(1024, 1024), seed 0 (NF4/64: 0.072813, bit-exact with bitsandbytes)",
                  fontsize=10)
@@ -138,7 +140,7 @@ def fig_quant_error_hist(out: Path) -> list:
     return [save(fig, out / "quant_error_hist.png")]
 
 
-def fig_int8_outliers(out: Path) -> list:
+def fig_int8_outliers(out: Path, ctx: dict) -> list:
     """The outlier problem: 8 values of ±60 in the pinned matrix, int8 tensor-wise vs row-wise vs block-wise."""
     from minilora.quant import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,  # noqa: PLC0415
                                 int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant)
@@ -159,15 +161,17 @@ def fig_int8_outliers(out: Path) -> list:
     bins = np.linspace(-0.25, 0.25, 201)
     for (name, e), color in zip(errs.items(), ["C3", "C1", "C0"]):
         e = np.asarray(e).ravel()[keep]
-        ax.hist(e, bins=bins, histtype="step", lw=1.5, color=color, label=f"{name}: mean |err| {np.abs(e).mean():.4f}")
-    ax.set(yscale="log", xlabel=r"$\hat{x} - x$ of the 1,048,568 ordinary values", ylabel="count",
+        counts, _ = np.histogram(e, bins=bins)
+        ax.stairs(np.maximum(counts, 0.5), bins, lw=1.5, color=color, baseline=None,
+                  label=f"{name}: mean |err| {np.abs(e).mean():.4f}")
+    ax.set(yscale="log", ylim=(0.8, None), xlabel=r"$\hat{x} - x$ of the 1,048,568 ordinary values", ylabel="count",
            title="absmax int8 with 8 outliers of ±60 in a 1024×1024 N(0,1) matrix")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return [save(fig, out / "int8_outliers.png")]
 
 
-def fig_nf4_codebook(out: Path) -> list:
+def fig_nf4_codebook(out: Path, ctx: dict) -> list:
     """NF4's 16 levels against the N(0,1) density (probability mass per code), next to FP4 and Int4."""
     from statistics import NormalDist  # noqa: PLC0415
 
@@ -196,11 +200,59 @@ def fig_nf4_codebook(out: Path) -> list:
     return [save(fig, out / "nf4_codebook.png")]
 
 
-def fig_paged_memory_timeline(out: Path) -> list:
+def fig_paged_memory_timeline(out: Path, ctx: dict) -> list:
     """Device memory of a QLoRA 65B run on 48 GB through a long-sequence spike, without and with paging
     (minilora.optim.paged_sim's own figure: same scenario, same seed as `minilora paged-sim`)."""
     from minilora.optim import paged_sim  # noqa: PLC0415
     return [Path(paged_sim.write_figure(out / "paged_memory_timeline.png"))]
+
+
+def _demo_result(ctx: dict, key: str):
+    """A demo result dict holding `key` ("methods" or "sweep") from --from-run folders, or None (run the demo)."""
+    from minilora.io import load_json  # noqa: PLC0415
+    for run in ctx.get("runs", ()):
+        result = load_json(Path(run) / "table.json")
+        if result.get(key):
+            return result
+    return None
+
+
+def _run_demo(out: Path, extra: list) -> None:
+    """`minilora demo` itself, in a scratch run folder, with its figures refreshed into `out`."""
+    from minilora import demo  # noqa: PLC0415
+    with tempfile.TemporaryDirectory(prefix="minilora-figures-") as tmp:
+        rc = demo.main(["--out", tmp, "--figures-dir", str(out), "--no-progress", *extra])
+    if rc:
+        raise RuntimeError(f"minilora demo {' '.join(extra)} exited with {rc}")
+
+
+def fig_demo(out: Path, ctx: dict) -> list:
+    """The demo's loss curves, memory bars and final-loss bars: from a --from-run table.json, else a fresh demo run
+    (the default settings, about 5 minutes on 2 cores)."""
+    result = _demo_result(ctx, "methods")
+    if result is None:
+        _run_demo(out, [])
+    else:
+        from minilora import demo_plots  # noqa: PLC0415
+        demo_plots.demo_figures(result, out)
+    return [out / f for f in FIGURES["demo"].files]
+
+
+def fig_lora_rank_loss(out: Path, ctx: dict) -> list:
+    """Final validation loss against LoRA rank r = 1..64 (`minilora demo --sweep-rank`, or a --from-run sweep)."""
+    result = _demo_result(ctx, "sweep")
+    if result is None:
+        _run_demo(out, ["--sweep-rank"])
+    else:
+        from minilora import demo_plots  # noqa: PLC0415
+        demo_plots.rank_sweep_figure(result, out)
+    return [out / f for f in FIGURES["lora_rank_loss"].files]
+
+
+def fig_real_weights(out: Path, ctx: dict) -> list:
+    """Round-trip error histograms of the shipped base's real weights per layer type, and their Q-Q plot."""
+    from minilora import demo_plots  # noqa: PLC0415
+    return [Path(p) for p in demo_plots.real_weight_figures(out)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +276,12 @@ FIGURES = {
                                     "paged optimizer: a 65B QLoRA run on 48 GB surviving a long-sequence spike"),
     "double_quant_memory": Figure(fig_double_quant_memory, True, ("double_quant_memory.png",),
                                   "bits per parameter 16 / 4.5 / 4.127 and GB at 7B and 65B"),
+    "real_weights": Figure(fig_real_weights, False, ("quant_real_weights_error_hist.png", "quant_real_weights_qq.png"),
+                           "NF4/FP4/Int4/int8 error on the shipped base's weights; Q-Q plot against N(0, 1)"),
+    "demo": Figure(fig_demo, False, ("demo_loss_curves.png", "demo_memory_bars.png", "demo_final_loss_bars.png"),
+                   "minilora demo: loss curves, peak-memory bars, final-loss bars (runs the demo, ~5 min)"),
+    "lora_rank_loss": Figure(fig_lora_rank_loss, False, ("demo_rank_sweep.png",),
+                             "final loss vs LoRA rank r = 1..64 (runs minilora demo --sweep-rank)"),
 }
 
 
@@ -234,10 +292,13 @@ def main(argv=None) -> int:
                    help="make only this figure (repeatable); see --list")
     p.add_argument("--quick", action="store_true", help="only the fast figures (no training runs)")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
+    p.add_argument("--from-run", action="append", default=[], metavar="DIR",
+                   help="reuse a `minilora demo` run folder's table.json (demo and/or --sweep-rank) instead of "
+                        "running the demo again (repeatable)")
     args = p.parse_args(argv)
     if args.list:
         for name, f in FIGURES.items():
-            print(f"{name:<22} {'quick' if f.quick else 'full ':<6} {', '.join(f.files):<40} {f.about}")
+            print(f"{name:<22} {'quick' if f.quick else 'full ':<6} {f.about}\n{'':<29}-> {', '.join(f.files)}")
         return 0
     names = list(FIGURES)
     if args.only:
@@ -254,7 +315,7 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         try:
-            paths = FIGURES[name].func(out)
+            paths = FIGURES[name].func(out, {"runs": args.from_run})
         except Exception as e:  # keep going: one broken figure must not hide the others
             failed.append(name)
             print(f"{name:<22} FAILED: {type(e).__name__}: {e}", file=sys.stderr)

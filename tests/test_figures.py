@@ -1,5 +1,6 @@
 """`minilora figures`: every figure is listed, --quick writes real PNGs, and the pure figures are byte-for-byte
 reproducible (fixed seeds, Agg, no Software/time metadata), so the committed PNGs are what the command produces."""
+import json
 import subprocess
 import sys
 
@@ -60,10 +61,21 @@ def test_default_out_dir_is_the_repository_figures_folder():
 
 
 def test_a_failing_figure_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
-    def boom(out):
+    def boom(out, ctx):
         raise RuntimeError("deliberately broken")
     monkeypatch.setitem(figures.FIGURES, "broken", figures.Figure(boom, True, ("broken.png",), "test only"))
     assert figures.main(["--out", str(tmp_path), "--only", "broken", "--only", CHEAP]) == 1
     err = capsys.readouterr().err
     assert "broken" in err and "deliberately broken" in err
     assert (tmp_path / figures.FIGURES[CHEAP].files[0]).is_file()
+
+
+def test_from_run_reuses_a_demo_table_instead_of_running_the_demo(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    sweep = [{"r": r, "trainable_params": 1000 * r, "code_bits_after": 3.0 - 0.1 * i} for i, r in enumerate((1, 2, 4))]
+    (run / "table.json").write_text(json.dumps({"methods": {}, "sweep": sweep}))
+    out = tmp_path / "out"
+    assert figures.main(["--out", str(out), "--only", "lora_rank_loss", "--from-run", str(run)]) == 0
+    data = (out / "demo_rank_sweep.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000
