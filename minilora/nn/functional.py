@@ -282,21 +282,23 @@ def dropout_backward(dy, mask):
 
 
 def lora_forward(x, A, B, scaling):
-    """x (N, D_in) (already dropped out), A (r, D_in), B (D_out, r) -> y (N, D_out); cache = (x, h).
+    """x (N, D_in) (already dropped out), A (r, D_in), B (D_out, r) -> y (N, D_out); cache = (x, s·h).
 
-    The brackets matter: two thin matmuls cost O(N·r·(D_in + D_out)) instead of O(N·D_in·D_out)."""
-    h = x @ A.T                                    # (N, r)  kept for dB
-    y = h @ B.T                                    # (N, D_out)
-    y *= scaling
-    return y, (x, h)
+    The brackets matter: two thin matmuls cost O(N·r·(D_in + D_out)) instead of O(N·D_in·D_out). The scaling
+    is applied to the thin h (N, r), not to y (N, D_out)."""
+    hs = x @ A.T                                   # (N, r)
+    hs *= scaling                                  # (N, r)  s·h, kept for dB
+    return hs @ B.T, (x, hs)                       # (N, D_out)
 
 
 def lora_backward(dy, cache, A, B, scaling, need_dx=True, need_dA=True, need_dB=True):
     """g = s · dy B (N, r);  dB = s · dyᵀ h (D_out, r);  dA = gᵀ x (r, D_in);  dx = g A (N, D_in)."""
-    x, h = cache
+    x, hs = cache
+    dB = dy.T @ hs if need_dB else None            # (D_out, r)  s is already inside hs
+    if not (need_dA or need_dx):
+        return None, None, dB
     g = dy @ B                                     # (N, r)
     g *= scaling
-    dB = dy.T @ (h * scaling) if need_dB else None   # (D_out, r)  scaling the thin h is cheaper than dB
     dA = g.T @ x if need_dA else None              # (r, D_in)
     dx = g @ A if need_dx else None                # (N, D_in)
     return dx, dA, dB

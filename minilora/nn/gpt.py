@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from minilora.backend import default_rng, get_array_module
 from minilora.nn import functional as F
 from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear
-from minilora.nn.module import Module, ModuleDict, ModuleList
+from minilora.nn.module import Module, ModuleDict, ModuleList, call_backward
 
 
 @dataclass
@@ -65,11 +65,14 @@ class CausalSelfAttention(Module):
         self._cache = (cache, (B, T, C))
         return self.c_proj(y).reshape(B, T, C)             # (B, T, C)
 
-    def backward(self, dout):                              # dout (B, T, C)
+    supports_need_dx = True
+
+    def backward(self, dout, need_dx=True):                # dout (B, T, C)
         cache, (B, T, C) = self._cache
         dy = self.c_proj.backward(dout.reshape(B * T, C))  # (N, C)
         dqkv = F.attention_backward(dy, cache)             # (N, 3C)
-        return self.c_attn.backward(dqkv).reshape(B, T, C)   # (B, T, C)
+        dx = call_backward(self.c_attn, dqkv, need_dx)     # (N, C) or None
+        return None if dx is None else dx.reshape(B, T, C)   # (B, T, C)
 
 
 class MLP(Module):
@@ -102,10 +105,15 @@ class Block(Module):
         x = F.residual_forward(x, self.attn(self.ln_1(x)))   # (B, T, C)
         return F.residual_forward(x, self.mlp(self.ln_2(x)))   # (B, T, C)
 
-    def backward(self, dout):                              # dout (B, T, C)
+    supports_need_dx = True
+
+    def backward(self, dout, need_dx=True):                # dout (B, T, C)
         d_skip, d_branch = F.residual_backward(dout)
         dx = d_skip + self.ln_2.backward(self.mlp.backward(d_branch))   # (B, T, C)
         d_skip, d_branch = F.residual_backward(dx)
+        if not need_dx and not any(p.requires_grad for p in self.ln_1.parameters()):
+            call_backward(self.attn, d_branch, need_dx=False)   # only the attention's own parameter grads
+            return None
         return d_skip + self.ln_1.backward(self.attn.backward(d_branch))   # (B, T, C)
 
 
@@ -177,10 +185,13 @@ class GPT(Module):
         tr = self.transformer
         dx = self.lm_head.backward(dlogits.reshape(B, T, V))       # (B, T, C)
         dx = tr.ln_f.backward(dx)                                  # (B, T, C)
+        need_emb = tr.wte.weight.requires_grad or tr.wpe.weight.requires_grad
         for i in reversed(range(len(tr.h))):
-            dx = tr.h[i].backward(dx)                              # (B, T, C)
-        tr.wte.backward(dx)                                        # scatter-add into wte.grad
-        tr.wpe.backward(dx.sum(axis=0))                            # (T, C): positions are shared across the batch
+            # frozen embeddings (LoRA) need no gradient, so block 0 may skip computing its input gradient
+            dx = call_backward(tr.h[i], dx, need_dx=need_emb or i > 0)   # (B, T, C)
+        if need_emb:
+            tr.wte.backward(dx)                                    # scatter-add into wte.grad
+            tr.wpe.backward(dx.sum(axis=0))                        # (T, C): positions are shared across the batch
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, rng=None):
         """Sample max_new_tokens tokens after idx (B, T), feeding the last block_size tokens each step."""

@@ -47,6 +47,8 @@ class Linear(Module):
         self.bias = Parameter(rng.uniform(-bound, bound, (out_features,)).astype(dt)) if bias else None
         self._cache = None
 
+    supports_need_dx = True
+
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects inputs (..., {self.in_features}), got shape {tuple(x.shape)}")
@@ -56,18 +58,18 @@ class Linear(Module):
         self._cache = (x2, lead)
         return y.reshape(*lead, self.out_features)                                        # (..., out)
 
-    def backward(self, dout):
+    def backward(self, dout, need_dx=True):
         if self._cache is None:
             _no_cache(self)
         x2, lead = self._cache
         W, b = self.weight, self.bias
-        dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data,
+        dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data, need_dx=need_dx,
                                        need_dW=W.requires_grad, need_db=b is not None and b.requires_grad)
         if dW is not None:
             W.accumulate_grad(dW, owned=True)
         if db is not None:
             b.accumulate_grad(db, owned=True)
-        return dx.reshape(*lead, self.in_features)                                        # (..., in)
+        return None if dx is None else dx.reshape(*lead, self.in_features)               # (..., in)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

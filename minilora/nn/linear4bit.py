@@ -102,17 +102,20 @@ class Linear4bit(Module):
         self._cache = (x2, lead)                                              # x only: Ŵ is dropped right away
         return y.reshape(*lead, self.out_features)
 
-    def backward(self, dout):
+    supports_need_dx = True
+
+    def backward(self, dout, need_dx=True):
         if self._cache is None:
             raise RuntimeError("Linear4bit.backward called without a forward first")
         x2, lead = self._cache
         b = self.bias
         need_db = b is not None and b.requires_grad
-        dx, _, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, self.dequantize_weight(),
+        W = self.dequantize_weight() if need_dx else None                      # (D_out, D_in) only if dx is wanted
+        dx, _, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W, need_dx=need_dx,
                                       need_dW=False, need_db=need_db)           # dx = dy Ŵ; never dW
         if db is not None:
             b.accumulate_grad(db, owned=True)
-        return dx.reshape(*lead, self.in_features)
+        return None if dx is None else dx.reshape(*lead, self.in_features)
 
     # ---- size and state -----------------------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ import warnings
 
 from minilora.backend import default_rng, get_array_module
 from minilora.nn import functional as F
-from minilora.nn.module import Module
+from minilora.nn.module import Module, call_backward
 from minilora.nn.parameter import Parameter
 
 
@@ -271,18 +271,23 @@ class LoRALinear(Module):
         self._cache = caches
         return y
 
-    def backward(self, dout):
-        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB accumulate."""
-        dx = self.base_layer.backward(dout)                                    # (..., D_in)  no dW for W0
+    supports_need_dx = True
+
+    def backward(self, dout, need_dx=True):
+        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB accumulate.
+
+        need_dx=False (nobody upstream needs dx) skips both dx terms and returns None."""
+        dx = call_backward(self.base_layer, dout, need_dx)                     # (..., D_in)  no dW for W0
         if not self._cache:
             return dx
         dy2 = dout.reshape(-1, self.out_features)                              # (N, D_out)
-        dx2 = dx.reshape(-1, self.in_features)                                 # (N, D_in) view of dx
+        dx2 = None if dx is None else dx.reshape(-1, self.in_features)         # (N, D_in) view of dx
         for name, mask, cache in self._cache:
             A, B = self.lora_A[name], self.lora_B[name]
-            ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name],
+            ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name], need_dx=dx2 is not None,
                                           need_dA=A.requires_grad, need_dB=B.requires_grad)
-            dx2 += F.dropout_backward(ddx, mask)                               # (N, D_in)
+            if dx2 is not None:
+                dx2 += F.dropout_backward(ddx, mask)                           # (N, D_in)
             if dA is not None:
                 A.accumulate_grad(dA, owned=True)
             if dB is not None:

@@ -305,3 +305,24 @@ def test_gpt_with_lora_matches_torch_peft():
             assert rel_err(p.grad, tp["base_model.model." + name].grad.numpy()) < 1e-10, name
         else:
             assert p.grad is None, name                                 # frozen W0 never gets a gradient
+
+
+@pytest.mark.parametrize("cls_name", ["LoRALinear", "QLoRALinear"])
+def test_skipping_block0_input_grad_changes_no_gradient(cls_name):
+    """With frozen embeddings GPT.backward tells block 0 that nobody needs its input gradient (autograd's
+    needs_input_grad); the trainable gradients must be exactly those of the unskipped pass."""
+    from minilora.nn import QLoRALinear
+    cls = {"LoRALinear": LoRALinear, "QLoRALinear": QLoRALinear}[cls_name]
+    cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, dtype="float64")
+    idx = np.random.default_rng(0).integers(0, 17, (2, 8))
+    grads = []
+    for train_wte in (False, True):
+        m = GPT(cfg)
+        _add_lora(m, ["c_attn", "c_fc"], cls=cls)
+        m.transformer.wte.weight.requires_grad = train_wte            # True forces the full path through block 0
+        m(idx, idx)
+        m.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if "lora_" in n})
+    assert grads[0].keys() == grads[1].keys() and "transformer.h.0.attn.c_attn.lora_A.default.weight" in grads[0]
+    for n in grads[0]:
+        np.testing.assert_array_equal(grads[0][n], grads[1][n], err_msg=n)
