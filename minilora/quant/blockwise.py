@@ -20,7 +20,10 @@ from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_flo
 from minilora.quant.codebooks import create_dynamic_map, midpoints
 from minilora.quant.state import QuantState
 
-CHUNK = 1 << 15          # elements per chunk on NumPy (128 KiB of float32: stays in L2 cache)
+CHUNK = 1 << 16          # elements per chunk on NumPy (256 KiB of float32: stays in L2 cache)
+_BINS = 1 << 14          # nearest-code lookup: bins per unit of scaled value (bin width 2^-14)
+_MAGIC = 513.0           # float32(scaled + 513) has ulp 2^-14: its low 16 bits are round((scaled + 1) * 2^14)
+_lut_cache: dict = {}
 TINY = 1e-38             # bnb clamps absmax to this before dividing (float32 1e-38 is a subnormal: keep it)
 
 
@@ -54,21 +57,24 @@ def scale_blocks(A, blocksize: int, absmax_out, chunk: int):
     n = flat.size
     full = n - n % blocksize
     chunk = max(blocksize, chunk - chunk % blocksize)
-    buf = xp.empty(min(chunk, max(full, 1)), dtype=xp.float32)           # (chunk,)
+    size = min(chunk, max(full, 1))
+    buf = xp.empty(size, dtype=xp.float32)                               # (chunk,) the scaled values
+    xbuf = None if flat.dtype == xp.float32 else xp.empty(size, dtype=xp.float32)
     for s in range(0, full, chunk):
         e = min(s + chunk, full)
         x = flat[s:e]
-        if x.dtype != xp.float32:
-            x = x.astype(xp.float32)                                     # fp16 upcasts exactly; fp64 rounds once
+        if xbuf is not None:                                             # fp16 upcasts exactly; fp64 rounds once
+            x = xbuf[:e - s]
+            x[...] = flat[s:e]
         blocks = x.reshape(-1, blocksize)                                # (nb, blocksize)
         a = rows_absmax(blocks, xp)                                      # (nb,)
         if not bool(xp.isfinite(a).all()):
             raise_if_not_finite(A)
         absmax_out[s // blocksize:e // blocksize] = a
         inv = xp.float32(1) / xp.maximum(a, xp.float32(TINY))            # (nb,) reciprocal, then multiply
-        sc = buf[:e - s].reshape(-1, blocksize)                          # (nb, blocksize)
-        xp.multiply(blocks, inv[:, None], out=sc)
-        yield s, e, buf[:e - s]
+        sc = buf[:e - s]
+        xp.multiply(blocks, inv[:, None], out=sc.reshape(-1, blocksize))
+        yield s, e, sc
     if full < n:                                                         # trailing partial block: true division
         x = flat[full:].astype(xp.float32)                               # (rem,)
         a = xp.abs(x).max()
@@ -81,6 +87,62 @@ def scale_blocks(A, blocksize: int, absmax_out, chunk: int):
     # gets the same code as 1.0. Skipping it saves a pass.
 
 
+def code_lut(code):
+    """(lut, mid, order) for nearest-code search in a sorted-or-not table of up to 256 values.
+
+    Bin j of the lut holds the scaled values v with round((v + 1) * 2^14) == j, i.e. [c_j - h, c_j + h] with
+    c_j = j / 2^14 - 1 and h = 2^-15. If no midpoint lies within [c_j - 2h, c_j + 2h] (a margin of one extra
+    half-bin), every value of the bin has the same code and lut[j] is that code; otherwise lut[j] is a sentinel
+    (the dtype's max) and the caller does an exact searchsorted for those few values."""
+    xp = get_array_module(code)
+    key = (xp.__name__, bytes(memoryview(to_host_bytes(code))))
+    if key not in _lut_cache:
+        mid, order = midpoints(code)                                     # (k-1,), (k,)
+        centre = xp.arange(2 * _BINS + 1, dtype=xp.float64) / _BINS - 1  # (32769,)
+        h = 1.0 / _BINS                                                  # = 2 half-widths
+        mid64 = mid.astype(xp.float64)
+        n_lo = xp.searchsorted(mid64, centre - h, side="left")           # midpoints below the widened bin
+        n_hi = xp.searchsorted(mid64, centre + h, side="right")          # midpoints up to its top
+        dtype = xp.uint8 if code.size < 256 else xp.uint16               # leave room for the sentinel
+        lut = order.astype(dtype)[n_lo]                                  # (32769,)
+        lut[n_hi != n_lo] = xp.iinfo(dtype).max
+        _lut_cache[key] = (lut, mid, order.astype(xp.uint8))
+    return _lut_cache[key]
+
+
+def to_host_bytes(a):
+    from minilora.backend import to_numpy  # noqa: PLC0415
+    return to_numpy(a).tobytes()
+
+
+def nearest_code(scaled, code, out=None, work=None):
+    """Codes (uint8) of the table entries nearest to float32 `scaled` (|scaled| <= 1), written into `out`.
+
+    Exactly searchsorted(midpoints, scaled, side="left") mapped through the sort order (ties -> lower code), but
+    several times faster than a binary search: one add, one bit-mask and one table lookup per value. `work` is an
+    optional dict in which the scratch buffers are kept between calls (chunked callers pass the same one)."""
+    xp = get_array_module(scaled)
+    lut, mid, order = code_lut(code)
+    m = scaled.size
+    out = xp.empty(m, dtype=xp.uint8) if out is None else out
+    work = {} if work is None else work
+    if work.get("size", 0) < m:
+        work.update(size=m, t=xp.empty(m, dtype=xp.float32), idx=xp.empty(m, dtype=xp.intp))
+    t, idx = work["t"][:m], work["idx"][:m]
+    xp.add(scaled, xp.float32(_MAGIC), out=t)                            # (m,) in [512, 514]
+    xp.bitwise_and(t.view(xp.int32), 0xFFFF, out=idx, casting="unsafe")  # (m,) the bin
+    if xp.__name__ == "numpy" and lut.dtype == xp.uint8:
+        xp.take(lut, idx, out=out, mode="wrap")                          # wrap: no bounds check (idx <= 32768)
+        fix = xp.flatnonzero(out == 255)
+    else:
+        q = lut[idx]                                                     # (m,)
+        fix = xp.flatnonzero(q == xp.iinfo(q.dtype).max)
+        out[...] = q
+    if fix.size:                                                         # rare: ~0.1% of values
+        out[fix] = order[xp.searchsorted(mid, scaled[fix], side="left")]
+    return out
+
+
 def quantize_blockwise(A, code=None, blocksize: int = 4096):
     """8-bit blockwise quantization: uint8 codes of A's shape, QuantState with float32 absmax per block.
 
@@ -91,13 +153,12 @@ def quantize_blockwise(A, code=None, blocksize: int = 4096):
     code = create_dynamic_map(signed=True, xp=xp) if code is None else xp.asarray(code, dtype=xp.float32)
     if code.size < 2 or code.size > 256:
         raise ValueError(f"an 8-bit code table needs 2..256 entries, got {code.size}")
-    mid, order = midpoints(code)                                         # (len-1,), (len,)
-    order8 = order.astype(xp.uint8)
     n = A.size
     out = xp.empty(n, dtype=xp.uint8)                                    # (n,)
     absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)              # (n_blocks,)
+    work = {}
     for s, e, sc in scale_blocks(A, blocksize, absmax, chunk_size(xp, blocksize)):
-        out[s:e] = order8[xp.searchsorted(mid, sc, side="left")]         # 255 midpoints: binary search per value
+        nearest_code(sc, code, out=out[s:e], work=work)
     state = QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=None,
                        dtype=A.dtype)
     return out.reshape(A.shape), state

@@ -16,59 +16,30 @@ quant_type "int4" is minilora's own (bnb 0.50.2 refuses it): bnb's int4 table [7
 rule as FP4 (midpoints of the stable-sorted table, ties to the lower code). So 0 -> code 7 and values in (0, 1/14]
 -> code 8 (also 0.0): the same "two zeros" quirk as FP4's +0/-0 codes.
 
-Speed: the nearest-code search is a 32,769-bin lookup table on x/absmax (bin = rounding of scaled + 513.0, read
-from the float's low mantissa bits), exact because any bin that could hold a midpoint is marked 255 and those few
-values are re-done with an exact searchsorted. No n x 16 temporary is ever built (torchao's 38 GB spike, ao #315).
+Speed: the nearest-code search is a 32,769-bin lookup table on x/absmax (blockwise.nearest_code: the bin is the
+rounding of scaled + 513.0, read from the float's low mantissa bits), exact because any bin that could hold a
+midpoint is marked and those few values are re-done with an exact searchsorted. No n x 16 temporary is ever built (torchao's 38 GB spike, ao #315).
 Dequantization gathers two float32 values per packed byte from a 256-entry pair table.
 """
 from __future__ import annotations
 
 from minilora.backend import get_array_module
-from minilora.quant.blockwise import chunk_size, dequantize_blockwise, quantize_blockwise, scale_blocks
+from minilora.quant.blockwise import (chunk_size, dequantize_blockwise, nearest_code, quantize_blockwise,
+                                      scale_blocks)
 from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array
-from minilora.quant.codebooks import create_dynamic_map, get_4bit_type, midpoints
+from minilora.quant.codebooks import create_dynamic_map, get_4bit_type
 from minilora.quant.state import VALID_QUANT_TYPES, QuantState
 
 NESTED_BLOCKSIZE = 256   # bnb's matmul refuses any other nested blocksize
-_BINS = 1 << 14          # lookup bins per unit of scaled value: bin width 2^-14
-_MAGIC = 513.0           # float32(scaled + 513) has ulp 2^-14, so its low 16 bits are round((scaled + 1) * 2^14)
-_AMBIGUOUS = 255
-_cache: dict = {}
 
 
-def code_lut(quant_type: str, xp):
-    """(lut, mid, order): lut[bin] = the code of every value in that bin, or 255 where a midpoint is too close."""
-    key = (quant_type, xp.__name__)
-    if key not in _cache:
-        code = get_4bit_type(quant_type, xp=xp)                          # (16,)
-        mid, order = midpoints(code)                                     # (15,), (16,)
-        centre = xp.arange(2 * _BINS + 1, dtype=xp.float64) / _BINS - 1  # (32769,) bin j holds [c - h, c + h]
-        h = 1.0 / _BINS                                                  # twice the half-width: a safety margin
-        mid64 = mid.astype(xp.float64)
-        n_lo = xp.searchsorted(mid64, centre - h, side="left")           # midpoints below the widened bin
-        n_hi = xp.searchsorted(mid64, centre + h, side="right")          # midpoints up to its top
-        lut = order.astype(xp.uint8)[n_lo]                               # (32769,) code if no midpoint inside
-        lut[n_hi != n_lo] = _AMBIGUOUS
-        _cache[key] = (lut, mid, order.astype(xp.uint8))
-    return _cache[key]
-
-
-def nearest_code(scaled, quant_type: str):
-    """4-bit codes (uint8) of float32 values in [-1, 1]: exact searchsorted semantics, via the bin table."""
-    xp = get_array_module(scaled)
-    lut, mid, order = code_lut(quant_type, xp)
-    t = scaled + xp.float32(_MAGIC)                                      # (m,) in [512, 514]
-    idx = xp.bitwise_and(t.view(xp.int32), 0xFFFF)                       # (m,) round((scaled + 1) * 2^14)
-    q = lut[idx]                                                         # (m,) uint8
-    fix = xp.flatnonzero(q == _AMBIGUOUS)                                # rare: ~0.1% of values
-    if fix.size:
-        q[fix] = order[xp.searchsorted(mid, scaled[fix], side="left")]
-    return q
-
-
-def pack_4bit(q):
+def pack_4bit(q, out=None):
     """(2m,) codes -> (m,) bytes, even element in the high nibble."""
-    return (q[0::2] << 4) | q[1::2]
+    xp = get_array_module(q)
+    out = xp.empty(q.size // 2, dtype=xp.uint8) if out is None else out
+    xp.left_shift(q[0::2], 4, out=out)
+    xp.bitwise_or(out, q[1::2], out=out)
+    return out
 
 
 def quantize_4bit(A, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = False):
@@ -80,11 +51,15 @@ def quantize_4bit(A, blocksize: int = 64, quant_type: str = "nf4", compress_stat
     n = A.size
     packed = xp.empty((n + 1) // 2, dtype=xp.uint8)                      # (ceil(n/2),)
     absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)              # (n_blocks,)
-    for s, e, sc in scale_blocks(A, blocksize, absmax, chunk_size(xp, blocksize)):
+    code = get_4bit_type(quant_type, xp=xp)
+    chunk = chunk_size(xp, blocksize)
+    q = xp.empty(min(chunk, n) + 1, dtype=xp.uint8)                      # (chunk,) codes, reused
+    work = {}                                                            # nearest_code's scratch buffers
+    for s, e, sc in scale_blocks(A, blocksize, absmax, chunk):
         if (e - s) % 2:                                                  # odd n: pad one 0.0 after scaling
             sc = xp.concatenate([sc, xp.zeros(1, dtype=xp.float32)])
-        packed[s // 2:(s + sc.size) // 2] = pack_4bit(nearest_code(sc, quant_type))
-    code = get_4bit_type(quant_type, xp=xp)
+        qc = nearest_code(sc, code, out=q[:sc.size], work=work)
+        pack_4bit(qc, out=packed[s // 2:(s + sc.size) // 2])
     state = QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type,
                        dtype=A.dtype)
     if compress_statistics:
@@ -136,11 +111,17 @@ def dequantize_4bit(A, quant_state: QuantState):
     out = xp.empty(2 * src.size, dtype=qs.dtype)                         # (2m,) the one full-size allocation
     chunk = chunk_size(xp, bs)
     buf = None if out32 else xp.empty(min(chunk, 2 * src.size), dtype=xp.float32)
+    # take() converts indices to intp anyway; doing it into a reused buffer, and mode="wrap" (a no-op for bytes
+    # indexing a 256-entry table) skips the per-element bounds check: together ~1.5x faster on NumPy.
+    idx = xp.empty(min(chunk, 2 * src.size) // 2, dtype=xp.intp)
+    wrap = {"mode": "wrap"} if xp.__name__ == "numpy" else {}
     full = n - n % bs
     for s in range(0, 2 * src.size, chunk):
         e = min(s + chunk, 2 * src.size)
         dst = out[s:e] if out32 else buf[:e - s]                         # (e - s,) float32
-        xp.take(lut, src[s // 2:e // 2], out=dst.view(xp.uint64))       # codes -> table values, two at a time
+        i = idx[:(e - s) // 2]
+        xp.copyto(i, src[s // 2:e // 2], casting="unsafe")
+        xp.take(lut, i, out=dst.view(xp.uint64), **wrap)                # codes -> table values, two at a time
         fe = min(e, full)
         if fe > s:
             head = dst[:fe - s].reshape(-1, bs)                          # (nb, bs) view
