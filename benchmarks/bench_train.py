@@ -335,6 +335,15 @@ def main(argv=None) -> int:
               f"{('<= %.2f' % limit) if limit != math.inf else '':>7}  {verdict if limit != math.inf else ''}")
 
     if mem:
+        small = [(x[:1], y[:1]) for x, y in host]            # activations scale with tokens; weights do not
+        mem1 = {mode: minilora_memory(mode, small) for mode in mem}
+        print(f"\npeak MiB at batch 8 x {SEQ} and at batch 1 x {SEQ} (activations are ~1/8):")
+        for mode in mem:
+            print(f"  {mode:<6} {mem[mode]['peak_bytes'] / 2 ** 20:8.1f} {mem1[mode]['peak_bytes'] / 2 ** 20:8.1f}")
+        if "qlora" in mem1 and "full" in mem1:
+            print(f"  QLoRA peak / full peak at batch 1: {mem1['qlora']['peak_bytes'] / mem1['full']['peak_bytes']:.2f}")
+        for mode in mem:
+            mem[mode]["peak_bytes_batch1"] = mem1[mode]["peak_bytes"]
         print("\npersistent arrays after a step (memory_report), MiB, and the traced peak:")
         print(f"{'mode':<6} {'frozen':>8} {'4-bit':>7} {'train':>7} {'grads':>7} {'optim':>7} {'total':>7} "
               f"{'peak':>7} {'peak-total':>10}   (peak-total: activations cached for backward + temporaries)")
