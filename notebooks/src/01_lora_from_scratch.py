@@ -128,9 +128,12 @@ plt.show()
 # $$y = x W_0^\top + s\,(x A^\top) B^\top = x\,(W_0 + s\,BA)^\top.$$
 #
 # The brackets matter: $h = xA^\top$ is only $(N, r)$, so the adapter costs $r(D_{in}+D_{out})$ multiply-adds per
-# row instead of $D_{in}D_{out}$, and the $(D_{out}, D_{in})$ matrix $\Delta W$ is never built.
+# row instead of $D_{in}D_{out}$, and the $(D_{out}, D_{in})$ matrix $\Delta W$ is never built. minilora's
+# `nn.functional.lora_forward(x, A, B, s)` is exactly these two thin matmuls; we check it against the merged form.
 
 # %%
+from minilora.nn import functional as F
+
 N, D_in, D_out, r, alpha = 16, 64, 512, 8, 16
 s = alpha / r
 x = rng.standard_normal((N, D_in))                                   # (N, D_in)
@@ -138,12 +141,12 @@ W0 = rng.standard_normal((D_out, D_in)) / np.sqrt(D_in)              # (D_out, D
 A = rng.uniform(-1 / np.sqrt(D_in), 1 / np.sqrt(D_in), (r, D_in))    # (r, D_in)   PEFT's kaiming-uniform bound
 B = rng.standard_normal((D_out, r)) * 0.01                           # (D_out, r)  pretend it was trained a little
 
-h = x @ A.T                                                          # (N, r)
-y_lora = x @ W0.T + s * (h @ B.T)                                    # (N, D_out)
+delta, (_, h) = F.lora_forward(x, A, B, s)                           # (N, D_out) = s (x A^T) B^T, h = x A^T (N, r)
+y_lora = x @ W0.T + delta                                            # (N, D_out)
 y_merged = x @ (W0 + s * B @ A).T                                    # (N, D_out)  the merged form
 print(f"max |two-matmul form - merged form| = {np.abs(y_lora - y_merged).max():.1e}")
 print("rank(BA) =", np.linalg.matrix_rank(B @ A), f"(<= r = {r}; the full matrix is {D_out}x{D_in})")
-print(f"multiply-adds per row: adapter {r * (D_in + D_out):,} vs dense dW {D_in * D_out:,}")
+print(f"h = x A^T has shape {h.shape}; multiply-adds per row: adapter {r * (D_in + D_out):,} vs dense dW {D_in * D_out:,}")
 
 # %% [markdown]
 # ## 4. Parameter counts
@@ -195,24 +198,28 @@ print(f"sanity: 7B at r=1 -> {square_layer_lora_params(7e9, 1):,.0f} trainable p
 # output.
 
 # %%
+from minilora.backend import default_rng
+from minilora.nn import Linear, LoRALinear
+
 dy = rng.standard_normal((N, D_out))                                 # (N, D_out) upstream gradient
 
 
 def lora_grads(A, B):
-    h = x @ A.T                                                      # (N, r)
-    dB = s * dy.T @ h                                                # (D_out, r)
-    dA = s * (dy @ B).T @ x                                          # (r, D_in)
+    """max |dA|, max |dB| from minilora's hand-written LoRA backward (derived in notebook 05)."""
+    _, cache = F.lora_forward(x, A, B, s)
+    _, dA, dB = F.lora_backward(dy, cache, A, B, s)                  # dA (r, D_in), dB (D_out, r)
     return np.abs(dA).max(), np.abs(dB).max()
 
 
-B0 = np.zeros((D_out, r))                                            # (D_out, r)
-y0 = x @ W0.T + s * (x @ A.T) @ B0.T                                 # (N, D_out)
-print(f"B = 0:        max |y - base| = {np.abs(y0 - x @ W0.T).max():.1f} | max|dA| = {lora_grads(A, B0)[0]:.3f}, "
-      f"max|dB| = {lora_grads(A, B0)[1]:.3f}")
-print(f"A = B = 0:    max|dA| = {lora_grads(0 * A, B0)[0]:.3f}, max|dB| = {lora_grads(0 * A, B0)[1]:.3f}  (stuck)")
+base = Linear(D_in, D_out, dtype="float64", rng=default_rng(0))    # a frozen base layer
+layer = LoRALinear(base, r=r, lora_alpha=alpha)                      # PEFT's init: A kaiming-uniform, B = 0
+A0, B0 = layer.lora_A["default"].data, layer.lora_B["default"].data
+print(f"B = 0:        max |LoRALinear(x) - base(x)| = {np.abs(layer(x) - base(x)).max():.1f} | "
+      f"max|dA| = {lora_grads(A0, B0)[0]:.3f}, max|dB| = {lora_grads(A0, B0)[1]:.3f}")
+print(f"A = B = 0:    max|dA| = {lora_grads(0 * A0, B0)[0]:.3f}, max|dB| = {lora_grads(0 * A0, B0)[1]:.3f}  (stuck)")
 B_rand = rng.uniform(-1 / np.sqrt(r), 1 / np.sqrt(r), (D_out, r))   # (D_out, r)
-y_rand = x @ W0.T + s * (x @ A.T) @ B_rand.T                         # (N, D_out)
-print(f"both random:  max |y - base| = {np.abs(y_rand - x @ W0.T).max():.3f}  (the pretrained output is lost)")
+y_rand = base(x) + F.lora_forward(x, A0, B_rand, s)[0]               # (N, D_out)
+print(f"both random:  max |y - base(x)| = {np.abs(y_rand - base(x)).max():.3f}  (the pretrained output is lost)")
 
 # %% [markdown]
 # **Takeaways.** A rank-$r$ update stores $r(D_{in}+D_{out})$ numbers; it is exact when the update really is low
