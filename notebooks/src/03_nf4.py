@@ -247,7 +247,7 @@ print(f"{len(weights)} matrices, {sum(w.size for w in weights.values()):,} weigh
 w_all = np.concatenate([w.ravel() for w in weights.values()]).astype(np.float32)
 kurt = ((w_all - w_all.mean()) ** 4).mean() / w_all.var() ** 2 - 3
 print(f"excess kurtosis of all weights: {kurt:.2f} (0 for a normal distribution)")
-print(f"{'matrix':<28} {'NF4':>8} {'FP4':>8} {'Int4':>8}   (mean |w - w'| / mean |w|)")
+print(f"{'matrix':<20} {'NF4':>8} {'FP4':>8} {'Int4':>8}   (mean |w - w'| / mean |w|)")
 rel_err = {qt: [] for qt in ["nf4", "fp4", "int4"]}
 for name, w in weights.items():
     row = []
@@ -256,7 +256,8 @@ for name, w in weights.items():
         r_ = np.abs(w - dequantize_4bit(p, s)).mean() / np.abs(w).mean()
         rel_err[qt].append(r_)
         row.append(r_)
-    print(f"{name:<28} " + " ".join(f"{v:8.4f}" for v in row))
+    short = name.replace("transformer.", "").replace(".weight", "")
+    print(f"{short:<20} " + " ".join(f"{v:8.4f}" for v in row))
 print("mean over matrices: " + ", ".join(f"{qt.upper()} {np.mean(v):.4f}" for qt, v in rel_err.items()))
 
 # %% [markdown]
