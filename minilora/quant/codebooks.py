@@ -21,7 +21,7 @@ import itertools
 import struct
 from statistics import NormalDist
 
-from minilora.backend import xp_current
+from minilora.backend import get_array_module, xp_current
 
 # --- the tables bitsandbytes hardcodes (every value is exactly a float32) -------------------------------------------
 
@@ -164,6 +164,8 @@ def midpoints(code):
     searchsorted(mid, v, side="left") counts the midpoints strictly below v, so a value exactly on a midpoint goes
     to the lower code, like bnb's torch.bucketize. `order` maps sorted position -> code (a *stable* argsort: FP4's
     +0 (code 0) sorts before -0 (code 8))."""
-    order = code.argsort(kind="stable")                                   # (n_codes,)
+    xp = get_array_module(code)
+    # CuPy's argsort is always stable (and accepts no `kind`); NumPy's default quicksort is not
+    order = xp.argsort(code, kind="stable") if xp.__name__ == "numpy" else xp.argsort(code)   # (n_codes,)
     s = code[order]                                                       # (n_codes,) sorted values
     return (s[:-1] + s[1:]) / 2, order                                   # (n_codes - 1,) float32

@@ -281,3 +281,14 @@ def test_non_contiguous_input():
     p, st = quantize_4bit(v)
     p2, _ = quantize_4bit(np.ascontiguousarray(v))
     assert np.array_equal(p, p2)
+
+
+@pytest.mark.parametrize("n", [4096, 4097])
+def test_dequantize_into_out(xp, n):
+    x = backend.default_rng(6).standard_normal(n).astype(xp.float16)
+    p, st = quantize_4bit(x, compress_statistics=True)
+    out = xp.empty(n, dtype=xp.float16)
+    r = dequantize_4bit(p, st, out=out)
+    assert r is out and bool((out == dequantize_4bit(p, st)).all())
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_4bit(p, st, out=xp.empty(n, dtype=xp.float32))

@@ -1,0 +1,139 @@
+"""Benchmark: minilora's NF4 quantize_4bit / dequantize_4bit against bitsandbytes on CPU, in the same process.
+
+    python benchmarks/bench_quant.py [--n 16777216] [--repeats 7] [--threads 1]
+
+For 16M float32 values (NF4, blocksize 64, with and without double quantization) it prints the best-of-N time,
+throughput (M elements/s and GB/s of memory traffic), the ratio to bitsandbytes, and the fraction of this machine's
+memory bandwidth (measured by a large np.copyto) that was reached; then the peak extra memory (tracemalloc) while
+quantizing, beyond the outputs themselves, at two input sizes: minilora works in cache-sized chunks, so it must not
+grow with the input.
+
+Targets (issue 2): quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel.
+Both libraries run single-threaded by default (NumPy's elementwise ops are single-threaded; torch gets
+set_num_threads(--threads)). OpenBLAS is not involved in any of these operations.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import tracemalloc
+
+import numpy as np
+
+from minilora.quant import dequantize_4bit, quantize_4bit
+
+
+def best_time(fn, repeats):
+    fn()                                                                 # warm-up (caches, lazy tables, compile)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(n, repeats):
+    src = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    dst = np.empty_like(src)
+    t = best_time(lambda: np.copyto(dst, src), repeats)
+    return 2 * src.nbytes / t                                            # bytes read + written per second
+
+
+def traffic(n, dq, op):
+    """Bytes an ideal kernel must move: quantize reads 4n, writes n/2 + stats; dequantize the reverse."""
+    stats = n // 64 * (1 if dq else 4) + (n // 64 // 256 * 4 if dq else 0)
+    return 4 * n + n // 2 + stats
+
+
+def peak_extra(fn, outputs_nbytes):
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    result = fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del result
+    return peak - outputs_nbytes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=16 * 1024 * 1024)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for bitsandbytes (default 1)")
+    args = ap.parse_args(argv)
+    n = args.n
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+
+    print(f"n = {n:,} float32 ({x.nbytes / 2**20:.0f} MiB), NF4, blocksize 64; best of {args.repeats}")
+    print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
+    bw = copy_bandwidth(n, args.repeats)
+    print(f"memory bandwidth (np.copyto, read + write): {bw / 1e9:.1f} GB/s\n")
+
+    try:
+        import torch
+        import bitsandbytes.functional as F
+        torch.set_num_threads(args.threads)
+        xt = torch.from_numpy(x)
+        print(f"bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__}, "
+              f"torch threads {torch.get_num_threads()}\n")
+    except ImportError as e:
+        F = None
+        print(f"(bitsandbytes not available: {e}; minilora numbers only)\n")
+
+    rows = []
+    for dq in (False, True):
+        p, st = quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
+        out = np.empty_like(x)
+        ops = {
+            "quantize": (lambda: quantize_4bit(x, 64, "nf4", dq),
+                         (lambda: F.quantize_4bit(xt, blocksize=64, quant_type="nf4", compress_statistics=dq))
+                         if F else None),
+            "dequantize": (lambda: dequantize_4bit(p, st), None),
+            "dequantize(out=)": (lambda: dequantize_4bit(p, st, out=out), None),
+        }
+        if F:
+            tp, ts = F.quantize_4bit(xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
+            tout = torch.empty_like(xt)
+            ops["dequantize"] = (ops["dequantize"][0], lambda: F.dequantize_4bit(tp, ts))
+            try:                                                         # bnb 0.50.2 has no CPU kernel for .out
+                F.dequantize_4bit(tp, ts, out=tout)
+                ops["dequantize(out=)"] = (ops["dequantize(out=)"][0], lambda: F.dequantize_4bit(tp, ts, out=tout))
+            except (NotImplementedError, RuntimeError):
+                pass
+        for name, (ours, theirs) in ops.items():
+            t_ours = best_time(ours, args.repeats)
+            t_bnb = best_time(theirs, args.repeats) if theirs else float("nan")
+            rows.append((name + (" +DQ" if dq else ""), t_ours, t_bnb, traffic(n, dq, name)))
+
+    print(f"{'op':<22} {'minilora ms':>11} {'bnb ms':>8} {'Melem/s':>8} {'GB/s':>6} {'vs bnb':>7} {'of bw':>6}")
+    print("(vs bnb = bnb time / minilora time; 'nan' = bnb has no such CPU op; dequantize(out=) reuses a buffer)")
+    for name, t_ours, t_bnb, nbytes in rows:
+        print(f"{name:<22} {t_ours * 1e3:>11.1f} {t_bnb * 1e3:>8.1f} {n / t_ours / 1e6:>8.0f} "
+              f"{nbytes / t_ours / 1e9:>6.2f} {t_bnb / t_ours:>6.2f}x {nbytes / t_ours / bw:>6.1%}")
+
+    print("\npeak extra memory while quantizing (tracemalloc), beyond the outputs:")
+    for m in (n // 16, n):
+        xm = x[:m]
+        for dq in (False, True):
+            p, st = quantize_4bit(xm, 64, "nf4", dq)
+            outputs = p.nbytes + st.stats_nbytes
+            extra = peak_extra(lambda: quantize_4bit(xm, 64, "nf4", dq), outputs)
+            extra_d = peak_extra(lambda: dequantize_4bit(p, st), m * 4)
+            print(f"  n = {m:>10,} DQ={dq!s:<5}  quantize: outputs {outputs / 2**20:7.2f} MiB, extra "
+                  f"{extra / 2**20:6.2f} MiB | dequantize: extra {extra_d / 2**20:6.2f} MiB")
+    if F:
+        q = [r for r in rows if r[0].startswith("quantize")]
+        d = [r for r in rows if r[0] in ("dequantize", "dequantize +DQ")]
+        qr = min(r[2] / r[1] for r in q)
+        dr = min(r[2] / r[1] for r in d)
+        print(f"\ntargets: quantize >= 3x bnb: {qr:.2f}x {'PASS' if qr >= 3 else 'MISS'}; "
+              f"dequantize >= 1.5x bnb: {dr:.2f}x {'PASS' if dr >= 1.5 else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
