@@ -103,9 +103,9 @@ for ax, model in zip(axes, ["llama-7b", "llama-65b"]):
         bottom += vals
     for i, tot in enumerate(bottom):
         ax.text(i, tot, f"{tot:.0f} GB" if tot > 20 else f"{tot:.1f} GB", ha="center", va="bottom")
-    ax.set(title=model, ylabel="GB")
+    ax.set(title=model, ylabel="GB", ylim=(0, 1.12 * bottom.max()))
 axes[1].axhline(48, color="k", ls="--", lw=1)
-axes[1].text(2.45, 60, "48 GB GPU", ha="right")
+axes[1].text(1.45, 60, "48 GB GPU", ha="center")
 axes[0].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
