@@ -150,15 +150,16 @@ def _causal_mask(xp, T, dtype):
 def attention_forward(qkv, B, T, n_head):
     """qkv (N, 3C) with N = B·T, laid out [q | k | v] and heads contiguous inside each -> y (N, C).
 
-    p = softmax(q kᵀ / √hs + mask) per head, y = p v, heads concatenated back. cache = (q/√hs, k, v, p, y)."""
+    p = softmax(q kᵀ / √hs + mask) per head, y = p v, heads concatenated back. cache = (q, k, v, p, y): q, k, v
+    are views into qkv (kept alive by them), so the cache costs qkv + p + y."""
     xp = get_array_module(qkv)
     C = qkv.shape[1] // 3
     hs = C // n_head
     qkv5 = qkv.reshape(B, T, 3, n_head, hs)        # (B, T, 3, H, hs) view
-    q = qkv5[:, :, 0].transpose(0, 2, 1, 3) * (1.0 / math.sqrt(hs))   # (B, H, T, hs) scaled here: N·C work, not N·T
-    k = qkv5[:, :, 1].transpose(0, 2, 1, 3)        # (B, H, T, hs) views: each (T, hs) matrix is BLAS-ready
+    q = qkv5[:, :, 0].transpose(0, 2, 1, 3)        # (B, H, T, hs) views: each (T, hs) matrix is BLAS-ready
+    k = qkv5[:, :, 1].transpose(0, 2, 1, 3)        # (B, H, T, hs)
     v = qkv5[:, :, 2].transpose(0, 2, 1, 3)        # (B, H, T, hs)
-    p = q @ k.transpose(0, 1, 3, 2)                # (B, H, T, T)  batched matmul: scores
+    p = (q * (1.0 / math.sqrt(hs))) @ k.transpose(0, 1, 3, 2)   # (B, H, T, T)  scale the thin q (a temporary), not p
     p += _causal_mask(xp, T, p.dtype)              # (B, H, T, T)  −inf above the diagonal
     p -= p.max(axis=-1, keepdims=True)             # stable softmax: the diagonal keeps every row finite
     xp.exp(p, out=p)
@@ -185,11 +186,14 @@ def attention_backward(dy, cache):
     dqkv[:, :, 2] = (p.transpose(0, 1, 3, 2) @ dy4).transpose(0, 2, 1, 3)   # dv
     ds = dy4 @ v.transpose(0, 1, 3, 2)             # (B, H, T, T)  dp
     ds -= D
-    ds *= p                                        # (B, H, T, T)  gradient of the (scaled) scores
+    ds *= p                                        # (B, H, T, T)  gradient of the scores (q kᵀ)/√hs
+    scale = 1.0 / math.sqrt(hs)                    # applied to the thin dq, dk rather than the (T, T) ds
     dq = ds @ k                                    # (B, H, T, hs)
-    dq *= 1.0 / math.sqrt(hs)
+    dq *= scale
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
-    dqkv[:, :, 1] = (ds.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)   # dk (q already carries 1/√hs)
+    dk = ds.transpose(0, 1, 3, 2) @ q              # (B, H, T, hs)
+    dk *= scale
+    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
     return dqkv.reshape(B * T, 3 * H * hs)         # (N, 3C)
 
 

@@ -10,13 +10,17 @@ turning d(output) into d(input) and accumulating its parameters' gradients; the 
 both branches.
 
 Module paths are Hugging Face GPT-2's (`transformer.wte`, `transformer.h.0.attn.c_attn`, `transformer.h.0.mlp.c_fc`,
-`lm_head`, ...), so PEFT `target_modules` such as ["c_attn"] or "all-linear" carry over. Unlike GPT-2, the weights
+`lm_head`, ...), so PEFT `target_modules` such as ["c_attn"] or "all-linear" carry over.
+`gradient_checkpointing_enable()` (Hugging Face's switch, which PEFT's `prepare_model_for_kbit_training` turns on
+for QLoRA) keeps only each block's input during the forward and recomputes the block right before its backward:
+activation memory drops from all blocks' caches to one block's, for one extra forward per step. Unlike GPT-2, the weights
 are (out, in) Linear layers (not Conv1D, so fan_in_fan_out=False) and lm_head is not tied to wte. Init follows
 nanoGPT: N(0, 0.02), the two residual projections (`c_proj`) N(0, 0.02/√(2·n_layer)), biases 0.
 Mirrors karpathy/nanoGPT `model.py` and transformers `models/gpt2/modeling_gpt2.py`.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -132,6 +136,15 @@ class GPT(Module):
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False, dtype=cfg.dtype)
         self._init_weights()
         self._cache = None
+        self.gradient_checkpointing = False
+        self._checkpoints = None                                  # [(block input, saved RNGs)] per block
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each block in the backward instead of keeping its activations (only in training mode)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
 
     def _init_weights(self):
         """nanoGPT's init, drawn in float64 from one seeded stream (so float32 and float64 models agree)."""
@@ -160,8 +173,17 @@ class GPT(Module):
         tr = self.transformer
         pos = xp.arange(T)                                         # (T,)
         x = tr.wte(idx) + tr.wpe(pos)                              # (B, T, C)  position embedding broadcast over B
+        ckpt = self.gradient_checkpointing and self.training
+        self._checkpoints = [] if ckpt else None
         for block in tr.h:
-            x = block(x)                                           # (B, T, C)
+            if ckpt:
+                # keep the input and the dropout RNGs (so the recomputation draws the same masks), drop the caches
+                self._checkpoints.append((x, _save_rngs(block)))
+                x_out = block(x)                                   # (B, T, C)
+                _drop_caches(block)
+                x = x_out
+            else:
+                x = block(x)                                       # (B, T, C)
         x = tr.ln_f(x)                                             # (B, T, C)
         logits = self.lm_head(x)                                   # (B, T, V)
         loss = None
@@ -186,9 +208,17 @@ class GPT(Module):
         dx = self.lm_head.backward(dlogits.reshape(B, T, V))       # (B, T, C)
         dx = tr.ln_f.backward(dx)                                  # (B, T, C)
         need_emb = tr.wte.weight.requires_grad or tr.wpe.weight.requires_grad
+        ckpts, self._checkpoints = self._checkpoints, None
         for i in reversed(range(len(tr.h))):
+            block = tr.h[i]
+            if ckpts is not None:
+                x_in, rngs = ckpts[i]
+                with _restored_rngs(block, rngs):
+                    block(x_in)                                    # recompute this block's caches
             # frozen embeddings (LoRA) need no gradient, so block 0 may skip computing its input gradient
-            dx = call_backward(tr.h[i], dx, need_dx=need_emb or i > 0)   # (B, T, C)
+            dx = call_backward(block, dx, need_dx=need_emb or i > 0)   # (B, T, C)
+            if ckpts is not None:
+                _drop_caches(block)
         if need_emb:
             tr.wte.backward(dx)                                    # scatter-add into wte.grad
             tr.wpe.backward(dx.sum(axis=0))                        # (T, C): positions are shared across the batch
@@ -213,3 +243,33 @@ class GPT(Module):
             nxt = xp.minimum(nxt, p.shape[-1] - 1)[:, None]        # (B, 1)  guard against round-off at the top
             idx = xp.concatenate([idx, nxt.astype(idx.dtype)], axis=1)   # (B, T+1)
         return idx
+
+
+def _drop_caches(module):
+    """Free what every layer of `module` kept for its backward."""
+    for m in module.modules():
+        if getattr(m, "_cache", None) is not None:
+            m._cache = None
+
+
+def _save_rngs(module):
+    """Copies of the random generators in `module` (LoRA dropout), taken before a checkpointed forward."""
+    return [(m, copy.deepcopy(m._rng)) for m in module.modules() if getattr(m, "_rng", None) is not None]
+
+
+class _restored_rngs:
+    """Run the recomputation with the saved generators, then put the (already advanced) originals back."""
+
+    def __init__(self, module, saved):
+        self.saved = saved
+        self.originals = []
+
+    def __enter__(self):
+        for m, rng in self.saved:
+            self.originals.append((m, m._rng))
+            m._rng = copy.deepcopy(rng)
+
+    def __exit__(self, *exc):
+        for m, rng in self.originals:
+            m._rng = rng
+        return False
