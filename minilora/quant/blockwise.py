@@ -15,16 +15,16 @@ Work is done in cache-sized chunks, so the only full-size arrays ever allocated 
 """
 from __future__ import annotations
 
-from minilora.backend import get_array_module
+from minilora.backend import get_array_module, to_numpy
 from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array, raise_if_not_finite
 from minilora.quant.codebooks import create_dynamic_map, midpoints
 from minilora.quant.state import QuantState
 
 CHUNK = 1 << 16          # elements per chunk on NumPy (256 KiB of float32: stays in L2 cache)
+TINY = 1e-38             # bnb clamps absmax to this before dividing (float32 1e-38 is a subnormal: keep it)
 _BINS = 1 << 14          # nearest-code lookup: bins per unit of scaled value (bin width 2^-14)
 _MAGIC = 513.0           # float32(scaled + 513) has ulp 2^-14: its low 16 bits are round((scaled + 1) * 2^14)
 _lut_cache: dict = {}
-TINY = 1e-38             # bnb clamps absmax to this before dividing (float32 1e-38 is a subnormal: keep it)
 
 
 def chunk_size(xp, blocksize: int) -> int:
@@ -95,8 +95,10 @@ def code_lut(code):
     half-bin), every value of the bin has the same code and lut[j] is that code; otherwise lut[j] is a sentinel
     (the dtype's max) and the caller does an exact searchsorted for those few values."""
     xp = get_array_module(code)
-    key = (xp.__name__, bytes(memoryview(to_host_bytes(code))))
+    key = (xp.__name__, to_numpy(code).tobytes())
     if key not in _lut_cache:
+        if len(_lut_cache) > 32:                                         # many custom tables: start over
+            _lut_cache.clear()
         mid, order = midpoints(code)                                     # (k-1,), (k,)
         centre = xp.arange(2 * _BINS + 1, dtype=xp.float64) / _BINS - 1  # (32769,)
         h = 1.0 / _BINS                                                  # = 2 half-widths
@@ -108,11 +110,6 @@ def code_lut(code):
         lut[n_hi != n_lo] = xp.iinfo(dtype).max
         _lut_cache[key] = (lut, mid, order.astype(xp.uint8))
     return _lut_cache[key]
-
-
-def to_host_bytes(a):
-    from minilora.backend import to_numpy  # noqa: PLC0415
-    return to_numpy(a).tobytes()
 
 
 def nearest_code(scaled, code, out=None, work=None):
