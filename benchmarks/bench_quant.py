@@ -9,20 +9,28 @@ quantizing, beyond the outputs themselves, at two input sizes: minilora works in
 grow with the input.
 
 Targets (issue 2): quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel.
-Both libraries run single-threaded by default (NumPy's elementwise ops are single-threaded; torch gets
-set_num_threads(--threads)). OpenBLAS is not involved in any of these operations.
+Both libraries run single-threaded by default (NumPy's elementwise ops are single-threaded; bitsandbytes gets
+OMP_NUM_THREADS and torch.set_num_threads = --threads). OpenBLAS is not involved in any of these operations.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import sys
 import time
 import tracemalloc
 
-import numpy as np
+# bnb's CPU library runs its kernels with OpenMP (its own libgomp, read at load time): pin the thread count before
+# torch/bitsandbytes are imported, so the comparison is one core against one core unless asked otherwise.
+_threads = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
+if _threads is None and "--threads" in sys.argv[:-1]:
+    _threads = sys.argv[sys.argv.index("--threads") + 1]
+os.environ.setdefault("OMP_NUM_THREADS", _threads or "1")
 
-from minilora.quant import dequantize_4bit, quantize_4bit
+import numpy as np  # noqa: E402
+
+from minilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -62,7 +70,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16 * 1024 * 1024)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for bitsandbytes (default 1)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for bitsandbytes (OMP_NUM_THREADS and torch; default 1, as NumPy uses one)")
     args = ap.parse_args(argv)
     n = args.n
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         xt = torch.from_numpy(x)
         print(f"bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__}, "
-              f"torch threads {torch.get_num_threads()}\n")
+              f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}\n")
     except ImportError as e:
         F = None
         print(f"(bitsandbytes not available: {e}; minilora numbers only)\n")

@@ -212,3 +212,25 @@ def test_tables_match_bnb():
     for signed in (True, False):
         ours, theirs = create_dynamic_map(signed=signed), F.create_dynamic_map(signed=signed).numpy()
         assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), signed
+
+
+def test_random_cases_match_bnb():
+    # 200 seeded random cases (sizes 1..5000, every block size, nf4/fp4, fp16/fp32, zero runs, odd n), as in
+    # quantization.md §7's check of the default backend: bytes and absmax identical, dequantized identical.
+    rng = np.random.default_rng(2026)
+    for case in range(200):
+        n = int(rng.integers(1, 5001))
+        bs = int(rng.choice(BLOCKSIZES))
+        quant_type = str(rng.choice(["nf4", "fp4"]))
+        dtype = np.float16 if case % 3 == 0 else np.float32
+        x = rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)
+        if case % 4 == 0:
+            start = int(rng.integers(0, n))
+            x[start:start + int(rng.integers(1, 2 * bs))] = 0.0
+        x = x.astype(dtype)
+        p, st = quantize_4bit(x, blocksize=bs, quant_type=quant_type)
+        tp, ts = bnb_quant(x, bs, quant_type)
+        where = f"case {case}: n={n} bs={bs} {quant_type} {dtype.__name__}"
+        assert np.array_equal(p, tp.numpy()), where
+        assert np.array_equal(st.absmax.view(np.uint32), ts.absmax.numpy().view(np.uint32)), where
+        assert np.array_equal(dequantize_4bit(p, st), F.dequantize_4bit(tp, ts).numpy().reshape(n)), where
