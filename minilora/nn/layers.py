@@ -24,6 +24,16 @@ def _dtype(xp, dtype):
         raise TypeError(f"unknown dtype {dtype!r}; use 'float32' or 'float64'") from None
 
 
+def check_input(layer, x, dtype, features):
+    """TypeError unless x has the layer's dtype (as torch: no silent up-casting of a float32 model), ValueError
+    unless its last axis has `features` entries."""
+    if x.dtype != dtype:
+        raise TypeError(f"{type(layer).__name__} has {dtype} weights but got a {x.dtype} input; "
+                        f"cast it with x.astype('{dtype}')")
+    if x.ndim < 1 or x.shape[-1] != features:
+        raise ValueError(f"{type(layer).__name__} expects inputs (..., {features}), got shape {tuple(x.shape)}")
+
+
 def _no_cache(layer):
     raise RuntimeError(f"{type(layer).__name__}.backward called without a forward first "
                        "(or twice for one forward)")
@@ -50,8 +60,7 @@ class Linear(Module):
     supports_need_dx = True
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear expects inputs (..., {self.in_features}), got shape {tuple(x.shape)}")
+        check_input(self, x, self.weight.data.dtype, self.in_features)
         lead = x.shape[:-1]
         b = None if self.bias is None else self.bias.data
         y, x2 = F.linear_forward(x.reshape(-1, self.in_features), self.weight.data, b)   # (N, out)
@@ -120,8 +129,7 @@ class LayerNorm(Module):
         self._cache = None
 
     def forward(self, x):
-        if x.shape[-1] != self.ndim:
-            raise ValueError(f"LayerNorm expects inputs (..., {self.ndim}), got shape {tuple(x.shape)}")
+        check_input(self, x, self.weight.data.dtype, self.ndim)
         lead = x.shape[:-1]
         b = None if self.bias is None else self.bias.data
         y, cache = F.layernorm_forward(x.reshape(-1, self.ndim), self.weight.data, b, self.eps)   # (N, C)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from minilora.backend import get_array_module
 from minilora.nn import functional as F
-from minilora.nn.layers import Linear
+from minilora.nn.layers import Linear, check_input
 from minilora.nn.module import Module
 from minilora.nn.parameter import Parameter
 from minilora.quant import QuantState, dequantize_4bit, quantize_4bit
@@ -94,8 +94,7 @@ class Linear4bit(Module):
 
     # ---- the two passes -----------------------------------------------------------------------------------
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear4bit expects inputs (..., {self.in_features}), got shape {tuple(x.shape)}")
+        check_input(self, x, self.compute_dtype, self.in_features)
         lead = x.shape[:-1]
         b = None if self.bias is None else self.bias.data
         y, x2 = F.linear_forward(x.reshape(-1, self.in_features), self.dequantize_weight(), b)   # (N, D_out)

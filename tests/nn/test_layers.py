@@ -154,6 +154,10 @@ def test_bad_inputs_raise_clear_errors():
     lin = Linear(4, 3)
     with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
         lin(np.zeros((2, 5), np.float32))
+    with pytest.raises(TypeError, match="float32 weights but got a float64 input"):
+        lin(np.zeros((2, 4)))
+    with pytest.raises(TypeError, match="int64 input"):
+        lin(np.zeros((2, 4), np.int64))
     with pytest.raises(RuntimeError, match="without a forward"):
         Linear(4, 3).backward(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="in_features"):
