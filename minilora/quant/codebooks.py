@@ -17,6 +17,7 @@ The library uses the exact hardcoded tables; the `create_*` functions re-derive 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from statistics import NormalDist
@@ -131,10 +132,21 @@ def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: 
     return code / code.max()
 
 
+@functools.lru_cache(maxsize=16)
+def _dynamic_values(signed: bool, max_exponent_bits: int, total_bits: int) -> tuple:
+    return tuple(_dynamic_list(signed, max_exponent_bits, total_bits))
+
+
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8, xp=None):
     """The dynamic 8-bit map: for each decade 10^(i-6), i = 0..6, the midpoints of linspace(0.1, 1, 2^i + 1)
     (2^(i+1) + 1 points unsigned), scaled by the decade; plus 0 and 1.0; sorted. Signed: 127 negatives, zero at
-    index 127, max 1.0, min -0.99296875. Bit-exact with bnb thanks to the torch-style linspace."""
+    index 127, max 1.0, min -0.99296875. Bit-exact with bnb thanks to the torch-style linspace.
+    (Built once per argument set in Python floats, then cached: double quantization asks for it on every call.)"""
+    xp = xp or xp_current()
+    return xp.asarray(_dynamic_values(signed, max_exponent_bits, total_bits), dtype=xp.float32)   # (256,)
+
+
+def _dynamic_list(signed, max_exponent_bits, total_bits):
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     data = []
@@ -154,8 +166,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         data += vals + ([-v for v in vals] if signed else [])
     data += [0.0, 1.0]
     data += [0.0] * (2 ** total_bits - len(data))
-    xp = xp or xp_current()
-    return xp.asarray(sorted(data), dtype=xp.float32)                     # (256,)
+    return sorted(data)
 
 
 def midpoints(code):

@@ -23,7 +23,7 @@ Dequantization gathers two float32 values per packed byte from a 256-entry pair 
 """
 from __future__ import annotations
 
-from minilora.backend import get_array_module
+from minilora.backend import get_array_module, to_numpy
 from minilora.quant.blockwise import (chunk_size, dequantize_blockwise, nearest_code, quantize_blockwise,
                                       scale_blocks)
 from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array
@@ -91,11 +91,19 @@ def dequantize_absmax(quant_state: QuantState):
     return dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
 
 
+_pair_cache: dict = {}
+
+
 def pair_table(code, xp):
     """(256,) uint64 whose bytes are the float32 pair (code[b >> 4], code[b & 15]): one gather per packed byte."""
-    c = code.astype(xp.float32)
-    pairs = xp.stack([xp.repeat(c, 16), xp.tile(c, 16)], axis=1)        # (256, 2) float32, row b = byte b
-    return xp.ascontiguousarray(pairs).view(xp.uint64).reshape(256)
+    key = (xp.__name__, to_numpy(code).tobytes())
+    if key not in _pair_cache:
+        if len(_pair_cache) > 32:
+            _pair_cache.clear()
+        c = code.astype(xp.float32)
+        pairs = xp.stack([xp.repeat(c, 16), xp.tile(c, 16)], axis=1)    # (256, 2) float32, row b = byte b
+        _pair_cache[key] = xp.ascontiguousarray(pairs).view(xp.uint64).reshape(256)
+    return _pair_cache[key]
 
 
 def dequantize_4bit(A, quant_state: QuantState, out=None):
