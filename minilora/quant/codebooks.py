@@ -158,7 +158,8 @@ def _dynamic_list(signed, max_exponent_bits, total_bits):
         return [f32(scale * m) for m in means]
 
     for i in range(max_exponent_bits):
-        n = 2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        fraction_bits = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        n = 2 ** fraction_bits + 1
         vals = decade(i, n)
         data += vals + ([-v for v in vals] if signed else [])
     if additional_items > 0:

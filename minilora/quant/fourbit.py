@@ -12,13 +12,20 @@ Mirrors `bitsandbytes/functional.py` quantize_4bit / dequantize_4bit and the def
 (`bitsandbytes/backends/default/ops.py`, 0.50.x): same packed bytes and absmax, bit for bit. One difference in the
 signature: our quant_type defaults to "nf4" (what QLoRA uses); bnb's function default is "fp4".
 
+Properties the tests check (tests/quant/test_properties.py): |x - x'| <= half the widest table gap * absmax; the
+largest |x| of each block comes back exactly (code +-1 times absmax) - except with DQ (absmax is approximated), in
+blocks whose absmax is below bnb's 1e-38 clamp, and for float64 input (it comes back as its float32 rounding);
+re-quantizing the dequantized tensor gives the same bytes, once FP4's/Int4's second zero code (8) is read as the
+first (0 resp. 7).
+
 quant_type "int4" is minilora's own (bnb 0.50.2 refuses it): bnb's int4 table [7..0, 0, -1..-7]/7 with the same
 rule as FP4 (midpoints of the stable-sorted table, ties to the lower code). So 0 -> code 7 and values in (0, 1/14]
 -> code 8 (also 0.0): the same "two zeros" quirk as FP4's +0/-0 codes.
 
 Speed: the nearest-code search is a 32,769-bin lookup table on x/absmax (blockwise.nearest_code: the bin is the
 rounding of scaled + 513.0, read from the float's low mantissa bits), exact because any bin that could hold a
-midpoint is marked and those few values are re-done with an exact searchsorted. No n x 16 temporary is ever built (torchao's 38 GB spike, ao #315).
+midpoint is marked and those few values are re-done with an exact searchsorted. No n x 16 temporary is ever built
+(torchao's 38 GB spike, ao #315).
 Dequantization gathers two float32 values per packed byte from a 256-entry pair table.
 """
 from __future__ import annotations

@@ -13,7 +13,6 @@ Scales are kept >= 1e-3 so that no block's absmax falls below bnb's 1e-38 clamp 
 a block with absmax 1e-39 is scaled by 1e38, not by 1/absmax; bnb does the same, see test_tiny_blocks).
 """
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
