@@ -53,7 +53,11 @@ def embedding_backward(dy, idx, W_shape):
     xp = get_array_module(dy)
     dW = xp.zeros(W_shape, dtype=dy.dtype)         # (V, C)
     C = W_shape[1]
-    xp.add.at(dW, idx.reshape(-1), dy.reshape(-1, C))   # unbuffered add, so a token seen twice counts twice
+    if hasattr(xp.add, "at"):
+        xp.add.at(dW, idx.reshape(-1), dy.reshape(-1, C))   # unbuffered add, so a token seen twice counts twice
+    else:                                                   # older CuPy: the same scatter-add lives in cupyx
+        import cupyx  # noqa: PLC0415
+        cupyx.scatter_add(dW, idx.reshape(-1), dy.reshape(-1, C))
     return dW
 
 

@@ -253,8 +253,10 @@ def _drop_caches(module):
 
 
 def _save_rngs(module):
-    """Copies of the random generators in `module` (LoRA dropout), taken before a checkpointed forward."""
-    return [(m, copy.deepcopy(m._rng)) for m in module.modules() if getattr(m, "_rng", None) is not None]
+    """Copies of the random generators that will draw dropout masks in `module`, taken before a checkpointed
+    forward (LoRA layers with lora_dropout > 0; layers without dropout draw nothing)."""
+    return [(m, copy.deepcopy(m._rng)) for m in module.modules()
+            if getattr(m, "_rng", None) is not None and any(getattr(m, "lora_dropout", {}).values())]
 
 
 class _restored_rngs:
