@@ -10,12 +10,13 @@ turning d(output) into d(input) and accumulating its parameters' gradients; the 
 both branches.
 
 Module paths are Hugging Face GPT-2's (`transformer.wte`, `transformer.h.0.attn.c_attn`, `transformer.h.0.mlp.c_fc`,
-`lm_head`, ...), so PEFT `target_modules` such as ["c_attn"] or "all-linear" carry over.
-`gradient_checkpointing_enable()` (Hugging Face's switch, which PEFT's `prepare_model_for_kbit_training` turns on
-for QLoRA) keeps only each block's input during the forward and recomputes the block right before its backward:
-activation memory drops from all blocks' caches to one block's, for one extra forward per step. Unlike GPT-2, the weights
+`lm_head`, ...), so PEFT `target_modules` such as ["c_attn"] or "all-linear" carry over. Unlike GPT-2, the weights
 are (out, in) Linear layers (not Conv1D, so fan_in_fan_out=False) and lm_head is not tied to wte. Init follows
 nanoGPT: N(0, 0.02), the two residual projections (`c_proj`) N(0, 0.02/√(2·n_layer)), biases 0.
+
+`gradient_checkpointing_enable()` (Hugging Face's switch, which PEFT's `prepare_model_for_kbit_training` turns on
+for QLoRA) keeps only each block's input during the forward and recomputes the block right before its backward:
+activation memory drops from all blocks' caches to one block's, for one extra forward per step.
 Mirrors karpathy/nanoGPT `model.py` and transformers `models/gpt2/modeling_gpt2.py`.
 """
 from __future__ import annotations

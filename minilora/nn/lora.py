@@ -138,7 +138,7 @@ class LoRALinear(Module):
             bound = 1.0 / math.sqrt(d_in)                                       # kaiming_uniform(a=√5), fan_in = D_in
             A = rng.uniform(-bound, bound, (r, d_in))                           # (r, D_in)
         if init_lora_weights is False:
-            B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), (d_out, r))   # (D_out, r) nn.Linear init: not a no-op
+            B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), (d_out, r))   # (D_out, r) not a no-op
         else:
             B = get_array_module(A).zeros((d_out, r))                           # (D_out, r)  ΔW = 0 at the start
         self.r[adapter_name] = r

@@ -1,7 +1,5 @@
 """LoRALinear: gradients (finite differences, torch), PEFT parity, invariants (hypothesis), init statistics,
 several adapters, merge/unmerge, and the errors for bad arguments."""
-import warnings
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
