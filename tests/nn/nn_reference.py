@@ -93,5 +93,4 @@ def torch_gpt(cfg, torch):
 def load_plain_weights(tmodel, ours, torch):
     """Copy every parameter of our (LoRA-free) model into the torch twin, by name."""
     sd = {k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()}
-    missing, unexpected = tmodel.load_state_dict(sd, strict=True), None
-    return missing, unexpected
+    tmodel.load_state_dict(sd, strict=True)                   # strict: the module paths must match one to one
