@@ -158,11 +158,13 @@ def block_zscores(w, blocksize: int = 64):
     return z.reshape(-1)
 
 
-def real_weight_figures(out, base_dir=None) -> list:
-    """Error histograms per layer type and the Q–Q plot, for the shipped base (or base_dir); returns the paths."""
+def real_weight_figures(out, base_dir=None, data=None) -> list:
+    """Error histograms per layer type and the Q–Q plot, for the shipped base (or base_dir); returns the paths.
+
+    data: the output of real_weight_errors(base_dir), if already computed."""
     plt = _fig()
     out = Path(out)
-    data = real_weight_errors(base_dir)
+    data = real_weight_errors(base_dir) if data is None else data
     types = [t for t in LAYER_TYPES if t in data]
     fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.6), sharey=True)
     for ax, t in zip(axes, types):
