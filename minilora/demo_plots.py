@@ -48,7 +48,8 @@ def demo_figures(result: dict, out) -> list:
     """The three figures of a demo run, with fixed names, into folder `out`."""
     plt = _fig()
     out = Path(out)
-    rows = result["methods"]
+    rows = result["methods"]                     # table.json stores keys sorted: restore the demo's order
+    rows = {k: rows[k] for k in sorted(rows, key=lambda k: list(COLORS).index(k) if k in COLORS else len(COLORS))}
     paths = []
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
