@@ -124,12 +124,16 @@ def run_method(method, corpora, s, seed, out: Path, base_dir, progress) -> dict:
     from minilora.peft import memory_report  # noqa: PLC0415
     gc.collect()
     tracemalloc.start()                              # counts the base's arrays too: they are allocated below
-    model, peft = build(method, base_dir, seed)
-    code, docs = corpora["stdlib"], corpora["pydoc"]
-    before = {"code": bits(model, code, s), "docs": bits(model, docs, s)}
-    trainable, total = count_params(model)
-    res, peak, opt = finetune(model, code, s, seed, desc=method, progress=progress,
-                              lr=LR_FULL if method == "full" else LR)
+    try:
+        model, peft = build(method, base_dir, seed)
+        code, docs = corpora["stdlib"], corpora["pydoc"]
+        before = {"code": bits(model, code, s), "docs": bits(model, docs, s)}
+        trainable, total = count_params(model)
+        res, peak, opt = finetune(model, code, s, seed, desc=method, progress=progress,
+                                  lr=LR_FULL if method == "full" else LR)
+    finally:
+        if tracemalloc.is_tracing():                 # stopped after PROBE_STEPS unless something failed
+            tracemalloc.stop()
     rep = memory_report(model, opt)
     after = {"code": bits(model, code, s), "docs": bits(model, docs, s)}
     if peft is not None:
