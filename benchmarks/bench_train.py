@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     check("minilora full / torch full", full / tfull if full and tfull else None, math.inf)
     print(f"\n{'ratio':<34} {'value':>7} {'target':>7}")
     for label, v, limit, verdict in checks:
-        print(f"{label:<34} {('%.2f' % v) if v is not None else 'n/a':>7} "
+        print(f"{label:<34} {('%.3f' % v) if v is not None else 'n/a':>7} "
               f"{('<= %.2f' % limit) if limit != math.inf else '':>7}  {verdict if limit != math.inf else ''}")
 
     if mem:
