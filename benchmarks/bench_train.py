@@ -239,7 +239,10 @@ def main(argv=None) -> int:
         args.rounds, args.steps_per_round = 2, 2
 
     if args.threads:
-        from threadpoolctl import threadpool_limits
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            ap.error("--threads needs threadpoolctl (pip install threadpoolctl); or start with OPENBLAS_NUM_THREADS=N")
         threadpool_limits(args.threads)
     threads, blas = blas_threads()
     rate = matmul_rate()
