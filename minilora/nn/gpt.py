@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from minilora.backend import default_rng, get_array_module
 from minilora.nn import functional as F
-from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear
+from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear, raise_no_cache
 from minilora.nn.module import Module, ModuleDict, ModuleList, call_backward
 
 
@@ -73,7 +73,9 @@ class CausalSelfAttention(Module):
     supports_need_dx = True
 
     def backward(self, dout, need_dx=True):                # dout (B, T, C)
-        cache, (B, T, C) = self._cache
+        if self._cache is None:
+            raise_no_cache(self)
+        (cache, (B, T, C)), self._cache = self._cache, None   # freed once used
         dy = self.c_proj.backward(dout.reshape(B * T, C))  # (N, C)
         dqkv = F.attention_backward(dy, cache)             # (N, 3C)
         dx = call_backward(self.c_attn, dqkv, need_dx)     # (N, C) or None
@@ -118,6 +120,7 @@ class Block(Module):
         d_skip, d_branch = F.residual_backward(dx)
         if not need_dx and not any(p.requires_grad for p in self.ln_1.parameters()):
             call_backward(self.attn, d_branch, need_dx=False)   # only the attention's own parameter grads
+            _drop_caches(self.ln_1)                        # its backward is skipped, so free its cache here
             return None
         return d_skip + self.ln_1.backward(self.attn.backward(d_branch))   # (B, T, C)
 
@@ -217,12 +220,13 @@ class GPT(Module):
                 with _restored_rngs(block, rngs):
                     block(x_in)                                    # recompute this block's caches
             # frozen embeddings (LoRA) need no gradient, so block 0 may skip computing its input gradient
-            dx = call_backward(block, dx, need_dx=need_emb or i > 0)   # (B, T, C)
-            if ckpts is not None:
-                _drop_caches(block)
+            dx = call_backward(block, dx, need_dx=need_emb or i > 0)   # (B, T, C)  frees the block's caches
         if need_emb:
             tr.wte.backward(dx)                                    # scatter-add into wte.grad
             tr.wpe.backward(dx.sum(axis=0))                        # (T, C): positions are shared across the batch
+        else:
+            _drop_caches(tr.wte)                                   # frozen embeddings: their backward is skipped
+            _drop_caches(tr.wpe)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, rng=None):
         """Sample max_new_tokens tokens after idx (B, T), feeding the last block_size tokens each step."""

@@ -2,7 +2,9 @@
 
 Each `forward(x)` accepts any leading shape (..., C) and flattens it to 2-D rows (N, C) so every matmul is one
 BLAS call; `backward(dout)` returns dx of x's shape and accumulates into `param.grad` only for parameters with
-`requires_grad=True` — a frozen weight never gets a gradient array and its dW matmul is skipped.
+`requires_grad=True` — a frozen weight never gets a gradient array and its dW matmul is skipped. A backward frees
+the cache it used (as autograd frees saved tensors), so nothing is held between training steps and a second
+backward for one forward raises instead of silently reusing stale activations.
 
 Mirrors `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.LayerNorm`, `torch.nn.GELU(approximate="tanh")`
 (PyTorch's default initialisations included).
@@ -34,7 +36,7 @@ def check_input(layer, x, dtype, features):
         raise ValueError(f"{type(layer).__name__} expects inputs (..., {features}), got shape {tuple(x.shape)}")
 
 
-def _no_cache(layer):
+def raise_no_cache(layer):
     raise RuntimeError(f"{type(layer).__name__}.backward called without a forward first "
                        "(or twice for one forward)")
 
@@ -69,8 +71,9 @@ class Linear(Module):
 
     def backward(self, dout, need_dx=True):
         if self._cache is None:
-            _no_cache(self)
+            raise_no_cache(self)
         x2, lead = self._cache
+        self._cache = None                                 # one backward per forward: free x as soon as it is used
         W, b = self.weight, self.bias
         dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data, need_dx=need_dx,
                                        need_dW=W.requires_grad, need_db=b is not None and b.requires_grad)
@@ -107,9 +110,10 @@ class Embedding(Module):
 
     def backward(self, dout):
         if self._cache is None:
-            _no_cache(self)
+            raise_no_cache(self)
+        idx, self._cache = self._cache, None
         if self.weight.requires_grad:
-            self.weight.accumulate_grad(F.embedding_backward(dout, self._cache, self.weight.data.shape), owned=True)
+            self.weight.accumulate_grad(F.embedding_backward(dout, idx, self.weight.data.shape), owned=True)
         return None                                                    # integer inputs have no gradient
 
     def extra_repr(self):
@@ -138,8 +142,8 @@ class LayerNorm(Module):
 
     def backward(self, dout):
         if self._cache is None:
-            _no_cache(self)
-        cache, lead = self._cache
+            raise_no_cache(self)
+        (cache, lead), self._cache = self._cache, None
         w, b = self.weight, self.bias
         dx, dw, db = F.layernorm_backward(dout.reshape(-1, self.ndim), cache, w.data, need_dw=w.requires_grad,
                                           need_db=b is not None and b.requires_grad)
@@ -166,5 +170,6 @@ class GELU(Module):
 
     def backward(self, dout):
         if self._cache is None:
-            _no_cache(self)
-        return F.gelu_backward(dout, self._cache)
+            raise_no_cache(self)
+        cache, self._cache = self._cache, None
+        return F.gelu_backward(dout, cache)

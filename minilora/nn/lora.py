@@ -278,11 +278,12 @@ class LoRALinear(Module):
 
         need_dx=False (nobody upstream needs dx) skips both dx terms and returns None."""
         dx = call_backward(self.base_layer, dout, need_dx)                     # (..., D_in)  no dW for W0
-        if not self._cache:
+        caches, self._cache = self._cache, None                                # freed once used
+        if not caches:
             return dx
         dy2 = dout.reshape(-1, self.out_features)                              # (N, D_out)
         dx2 = None if dx is None else dx.reshape(-1, self.in_features)         # (N, D_in) view of dx
-        for name, mask, cache in self._cache:
+        for name, mask, cache in caches:
             A, B = self.lora_A[name], self.lora_B[name]
             ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name], need_dx=dx2 is not None,
                                           need_dA=A.requires_grad, need_dB=B.requires_grad)

@@ -118,6 +118,31 @@ def test_frozen_parameters_get_no_grad_in_gpt():
         assert (p.grad is not None) == ("ln_" in name), name
 
 
+@pytest.mark.parametrize("lora,ckpt", [(False, False), (True, False), (True, True)])
+def test_backward_frees_every_forward_cache(lora, ckpt):
+    """Nothing is held between steps (as autograd frees saved tensors), also for the layers whose backward is
+    skipped in a LoRA model (block 0's ln_1, the frozen embeddings); a second backward raises."""
+    from minilora.nn import Linear, LoRALinear
+    m = GPT(CFG64)
+    if lora:
+        for name, mod in list(m.named_modules()):
+            if isinstance(mod, Linear) and name != "lm_head":
+                m.set_submodule(name, LoRALinear(mod, r=2))
+        for n, p in m.named_parameters():
+            p.requires_grad = "lora_" in n
+    if ckpt:
+        m.gradient_checkpointing_enable()
+    m(*_batch(CFG64))
+    assert any(getattr(mod, "_cache", None) is not None for mod in m.modules())
+    m.backward()
+    held = [name for name, mod in m.named_modules() if getattr(mod, "_cache", None) is not None]
+    assert held == [] and m._checkpoints is None, held
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        m.backward()
+    with pytest.raises(RuntimeError, match="twice for one forward"):
+        m.transformer.h[1].mlp.act.backward(np.ones((3, 8, 32)))
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients_with_less_memory(lora):
     """Recomputing each block in the backward (dropout masks included) must reproduce every gradient exactly."""

@@ -144,8 +144,11 @@ def test_gradients_accumulate_over_two_backwards():
     lin(x)
     lin.backward(dout)
     g1 = lin.weight.grad.copy()
-    lin.backward(dout)
+    lin(x)                                          # the backward freed the cache: one forward per backward,
+    lin.backward(dout)                              # as micro-batches in gradient accumulation
     np.testing.assert_allclose(lin.weight.grad, 2 * g1)
+    with pytest.raises(RuntimeError, match="twice for one forward"):
+        lin.backward(dout)
 
 
 # ------------------------------------------------------------------------------------------- bad input
