@@ -15,9 +15,12 @@ Loading follows `set_peft_model_state_dict` (PEFT `src/peft/utils/save_and_load.
 mismatch raises "size mismatch for <key>: ...", missing adapter keys give PEFT's warning "Found missing adapter
 keys while loading the checkpoint" (or a ValueError with strict=True), unexpected keys are ignored and reported.
 minilora also refuses non-finite weights and an adapter file with no LoRA tensors in it (PEFT #286: a 443-byte
-adapter with nothing inside). Each file is written atomically (temp file + rename), tensors first, then the config;
-a crash between the two leaves the new tensors beside the old config, which loading catches when r disagrees with
-the shapes. Mirrors PEFT `save_and_load.py`, `peft_model.py::save_pretrained/load_adapter`.
+adapter with nothing inside). Each file is written atomically (temp file + rename), tensors first, then the config,
+so the config acts as the pair's commit marker: an old config that differs from the new one is deleted before the
+tensors are written, and a crash between the two files leaves a folder without a config, which loading refuses
+(instead of new tensors beside an old lora_alpha, a scaling error no shape check can see). Re-saving with an
+unchanged config keeps the old one, so a crash then leaves a consistent pair. PEFT itself writes the two files
+without this guard. Mirrors PEFT `save_and_load.py`, `peft_model.py::save_pretrained/load_adapter`.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from collections import namedtuple
 from pathlib import Path
 
 from minilora.backend import get_array_module
-from minilora.io import load_safetensors, save_safetensors
+from minilora.io import CorruptFileError, load_json, load_safetensors, save_safetensors
 from minilora.peft.config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 
 PREFIX = "base_model.model."
@@ -84,8 +87,16 @@ def save_adapter(base_model, config: LoraConfig, save_directory, adapter_name: s
         raise ValueError(f"adapter {adapter_name!r} has no LoRA weights in this model; refusing to write an empty "
                          "adapter file (PEFT #286)")
     d = adapter_dir(save_directory, adapter_name)
+    old_config = d / CONFIG_NAME
+    if old_config.is_file():
+        try:
+            stale = load_json(old_config) != config.to_saved_dict()
+        except CorruptFileError:
+            stale = True
+        if stale:                                      # it would not describe the new tensors: remove it first
+            old_config.unlink()
     save_safetensors(d / WEIGHTS_NAME, state, metadata={"format": "pt"})
-    config.save_pretrained(d)
+    config.save_pretrained(d)                          # last: a folder with a config holds a finished save
     return d
 
 
