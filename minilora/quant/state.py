@@ -146,11 +146,55 @@ class QuantState:
         if "nested_absmax" in d:
             offset = xp.asarray(d["nested_offset"], dtype=xp.float32)                          # ()
             state2 = cls(absmax=xp.asarray(d["nested_absmax"]), shape=(int(xp.asarray(d["absmax"]).size),),
-                         code=xp.asarray(d["nested_quant_map"]), blocksize=int(d["nested_blocksize"]),
-                         dtype=xp.dtype(d["nested_dtype"]))
-        return cls(absmax=xp.asarray(d["absmax"]), shape=tuple(int(s) for s in d["shape"]),
-                   code=xp.asarray(d["quant_map"]), blocksize=int(d["blocksize"]), quant_type=d["quant_type"],
-                   dtype=xp.dtype(d["dtype"]), offset=offset, state2=state2)
+                         code=xp.asarray(d["nested_quant_map"]), blocksize=_positive_int(d, "nested_blocksize"),
+                         dtype=_float_dtype(xp, d["nested_dtype"]))
+        state = cls(absmax=xp.asarray(d["absmax"]), shape=tuple(int(s) for s in d["shape"]),
+                    code=xp.asarray(d["quant_map"]), blocksize=_positive_int(d, "blocksize"),
+                    quant_type=d["quant_type"], dtype=_float_dtype(xp, d["dtype"]), offset=offset, state2=state2)
+        state._check_loaded()
+        return state
+
+    def _check_loaded(self) -> None:
+        """ValueError for a state read from a file that no quantization could have produced (a corrupt or hand-edited
+        checkpoint): negative dims, a code table of the wrong length, non-finite statistics. Without these checks
+        such a state dequantizes to NaN or to silently wrong weights."""
+        xp = get_array_module(self.absmax)
+        if any(n < 0 for n in self.shape):
+            raise ValueError(f"quant_state shape {self.shape} has a negative dimension")
+        tables = [("quant_map", self.code, 16)]
+        stats = [("absmax", self.absmax)] if not self.nested else [
+            ("nested_absmax", self.state2.absmax), ("nested_offset", self.offset)]
+        if self.nested:
+            tables.append(("nested_quant_map", self.state2.code, 256))
+            n_blocks = -(-self.numel // self.blocksize)
+            if self.absmax.dtype != xp.uint8 or self.absmax.size != n_blocks:
+                raise ValueError(f"quant_state absmax must hold {n_blocks} uint8 codes when nested, got "
+                                 f"{self.absmax.size} of {self.absmax.dtype}")
+            self.state2.check_matches(self.absmax)
+        for name, table, size in tables:
+            if table.size != size or table.dtype != xp.float32 or not bool(xp.isfinite(table).all()):
+                raise ValueError(f"quant_state {name} must be {size} finite float32 values, got {table.size} "
+                                 f"{table.dtype} value(s), {int((~xp.isfinite(table)).sum())} non-finite")
+        for name, a in stats:
+            bad = ~xp.isfinite(a)
+            if bool(bad.any()):
+                raise ValueError(f"quant_state {name} holds {int(bad.sum())} NaN/Inf value(s), the first at flat "
+                                 f"index {int(xp.argmax(bad.reshape(-1)))}: the checkpoint is corrupt")
+
+
+def _positive_int(d: dict, key: str) -> int:
+    v = int(d[key])
+    if v < 1:
+        raise ValueError(f"quant_state {key} must be a positive integer, got {d[key]!r}")
+    return v
+
+
+def _float_dtype(xp, name):
+    """The dtype a state dequantizes to: float16/32/64 only (an int dtype would silently truncate the weights)."""
+    dt = xp.dtype(name)
+    if dt not in (xp.float16, xp.float32, xp.float64):
+        raise ValueError(f"quant_state dtype must be float16, float32 or float64, got {name!r}")
+    return dt
 
 
 def _dtype_name(dtype) -> str:

@@ -178,6 +178,39 @@ def test_from_dict_errors():
         QuantState.from_dict(d)
 
 
+def _repacked(d, **json_fields):
+    """The packed dict with some fields of its JSON entry replaced (a hand-edited or corrupt checkpoint)."""
+    import json
+    key = next(k for k in d if "bitsandbytes__" in k)
+    meta = {**json.loads(bytes(d[key]).decode()), **json_fields}
+    return {**d, key: np.frombuffer(json.dumps(meta).encode(), np.uint8).copy()}
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_from_dict_refuses_states_no_quantization_produces(nested):
+    """A corrupt state used to dequantize to NaN or silently wrong weights (or crash with ZeroDivisionError)."""
+    _, st = quantize_4bit(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32),
+                          compress_statistics=nested)
+    d = st.as_dict(packed=True)
+    QuantState.from_dict(d)                                            # the untouched dict loads
+    nan_map = d["quant_map"].copy()
+    nan_map[3] = np.nan
+    bad = {"blocksize must be a positive": _repacked(d, blocksize=0),
+           "negative dimension": _repacked(d, shape=[-8, -64]),
+           "dtype must be float16": _repacked(d, dtype="int8"),
+           "quant_map must be 16 finite": {**d, "quant_map": d["quant_map"][:15]},
+           "1 non-finite": {**d, "quant_map": nan_map}}
+    if nested:
+        bad["nested_absmax holds 1 NaN"] = {**d, "nested_absmax": np.full_like(d["nested_absmax"], np.nan)}
+        bad["nested_offset holds 1 NaN"] = _repacked(d, nested_offset=float("nan"))
+        bad["nested_quant_map must be 256"] = {**d, "nested_quant_map": d["nested_quant_map"][:100]}
+    else:
+        bad["absmax holds 8 NaN"] = {**d, "absmax": np.full_like(d["absmax"], np.inf)}
+    for match, broken in bad.items():
+        with pytest.raises(ValueError, match=match):
+            QuantState.from_dict(broken)
+
+
 def test_mismatched_state_raises():
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     p, st = quantize_4bit(x)
