@@ -105,6 +105,8 @@ def save_checkpoint(checkpoint_dir, model, optimizer, step: int, rngs: dict, res
         steps[name] = st["step"]
         tensors.update({f"optimizer.{name}.{b}": a for b, a in st.items() if b != "step"})
     fname = f"step-{step:07d}.safetensors"
+    if fname == _committed_tensor_file(d):                   # same step again (e.g. resume=False into an old
+        fname = f"step-{step:07d}.b.safetensors"             # folder): never overwrite the committed tensors
     save_safetensors(d / fname, tensors, metadata={"format": "pt", "minilora": FORMAT, "step": step})
     meta = {
         "format": FORMAT, "step": step, "tensors": fname,
@@ -120,6 +122,14 @@ def save_checkpoint(checkpoint_dir, model, optimizer, step: int, rngs: dict, res
             old.unlink(missing_ok=True)
 
 
+def _committed_tensor_file(d: Path):
+    """The tensor file name the current checkpoint.json points to, or None (no checkpoint or an unreadable one)."""
+    try:
+        return load_json(d / CHECKPOINT_JSON).get("tensors")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_checkpoint(checkpoint_dir) -> tuple[dict, dict]:
     """(meta, tensors) of the checkpoint in a folder; CorruptFileError when anything is missing or altered."""
     d = Path(checkpoint_dir)
@@ -129,6 +139,9 @@ def load_checkpoint(checkpoint_dir) -> tuple[dict, dict]:
     if missing or meta.get("format") != FORMAT:
         raise CorruptFileError(f"{d / CHECKPOINT_JSON}: not a {FORMAT} checkpoint "
                                f"({'missing ' + str(missing) if missing else 'format ' + repr(meta.get('format'))})")
+    if not isinstance(meta["tensors"], str) or Path(meta["tensors"]).name != meta["tensors"]:
+        raise CorruptFileError(f"{d / CHECKPOINT_JSON}: tensor file {meta['tensors']!r} is not a file name in "
+                               "this folder")
     path = d / meta["tensors"]
     if not path.is_file():
         raise CorruptFileError(f"{d / CHECKPOINT_JSON}: its tensor file {meta['tensors']} is missing")

@@ -246,6 +246,31 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage, match):
         train(m2, o2, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=4))
 
 
+def test_resaving_the_same_step_never_overwrites_the_committed_tensors(tmp_path, monkeypatch):
+    """resume=False into a folder that already holds step 2: the new tensors go to another file, so a crash before
+    the new checkpoint.json leaves the old checkpoint loadable (it used to be overwritten in place: SHA-256 error)."""
+    import minilora.train as tr
+    m, o = make_run()
+    train(m, o, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=2))
+    old_meta, old_tensors = load_checkpoint(tmp_path)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(tr, "save_json", crash)
+    m2, o2 = make_run()
+    with pytest.raises(OSError, match="disk full"):
+        train(m2, o2, get_batch, checkpoint_dir=tmp_path, resume=False, **dict(RUN, max_steps=2, seed=1))
+    meta, tensors = load_checkpoint(tmp_path)                       # still the first run's, intact
+    assert meta["sha256"] == old_meta["sha256"] and tensors.keys() == old_tensors.keys()
+    monkeypatch.undo()
+    train(m2, o2, get_batch, checkpoint_dir=tmp_path, resume=False, **dict(RUN, max_steps=2, seed=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_JSON, "step-0000002.b.safetensors"]
+    js = tmp_path / CHECKPOINT_JSON
+    js.write_text(js.read_text().replace("step-0000002.b.safetensors", "../step-0000002.b.safetensors"))
+    with pytest.raises(CorruptFileError, match="not a file name in this folder"):
+        load_checkpoint(tmp_path)
+
+
 def test_resume_with_a_different_setup_is_refused(tmp_path):
     m, o = make_run()
     train(m, o, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=2))
