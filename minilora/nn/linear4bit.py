@@ -133,12 +133,15 @@ class Linear4bit(Module):
     def _extra_state(self) -> dict:
         return {f"weight.{k}": v for k, v in self.quant_state.as_dict(packed=True).items()}
 
-    def _load_extra_state(self, state: dict) -> None:
-        xp = get_array_module(self.weight.data)
-        qs = QuantState.from_dict(state, xp=xp)
+    def _check_extra_state(self, state: dict) -> QuantState:
+        qs = QuantState.from_dict(state, xp=get_array_module(self.weight.data))   # ValueError on a corrupt state
         if tuple(qs.shape) != (self.out_features, self.in_features):
             raise ValueError(f"the checkpoint's 4-bit weight has shape {qs.shape}, this layer is "
                              f"{(self.out_features, self.in_features)}")
+        return qs
+
+    def _load_extra_state(self, state: dict) -> None:
+        qs = self._check_extra_state(state)
         self.weight.quant_state = qs
         self.quant_type, self.blocksize, self.compress_statistics = qs.quant_type, qs.blocksize, qs.nested
 

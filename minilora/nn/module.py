@@ -148,6 +148,9 @@ class Module:
         """Arrays a module saves besides its Parameters (Linear4bit: its QuantState, in bitsandbytes' keys)."""
         return {}
 
+    def _check_extra_state(self, state: dict) -> None:
+        """Raise ValueError if `_load_extra_state(state)` would; run for every module before anything is written."""
+
     def _load_extra_state(self, state: dict) -> None:
         """Take back what `_extra_state` gave (same local keys); validate and raise ValueError on a mismatch."""
 
@@ -181,9 +184,12 @@ class Module:
             if k in params and tuple(v.shape) != tuple(params[k].data.shape):
                 raise ValueError(f"size mismatch for {k}: the checkpoint has shape {tuple(v.shape)}, "
                                  f"the model has {tuple(params[k].data.shape)}")
-        for mod, keys in extras.values():
-            if all(full in state_dict for full in keys.values()):
-                mod._load_extra_state({k: state_dict[full] for k, full in keys.items()})
+        loadable = [(mod, {k: state_dict[full] for k, full in keys.items()}) for mod, keys in extras.values()
+                    if all(full in state_dict for full in keys.values())]
+        for mod, extra in loadable:                               # all checked first: a bad one changes nothing
+            mod._check_extra_state(extra)
+        for mod, extra in loadable:
+            mod._load_extra_state(extra)
         for k, v in state_dict.items():
             if k in params:
                 p = params[k]

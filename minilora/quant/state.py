@@ -164,12 +164,13 @@ class QuantState:
         tables = [("quant_map", self.code, 16)]
         stats = [("absmax", self.absmax)] if not self.nested else [
             ("nested_absmax", self.state2.absmax), ("nested_offset", self.offset)]
+        n_blocks = -(-self.numel // self.blocksize)
+        want = xp.uint8 if self.nested else xp.float32               # 8-bit codes of absmax, or absmax itself
+        if self.absmax.dtype != want or self.absmax.size != n_blocks:
+            raise ValueError(f"quant_state absmax must hold {n_blocks} {xp.dtype(want).name} values for {self.numel} "
+                             f"weights in blocks of {self.blocksize}, got {self.absmax.size} of {self.absmax.dtype}")
         if self.nested:
             tables.append(("nested_quant_map", self.state2.code, 256))
-            n_blocks = -(-self.numel // self.blocksize)
-            if self.absmax.dtype != xp.uint8 or self.absmax.size != n_blocks:
-                raise ValueError(f"quant_state absmax must hold {n_blocks} uint8 codes when nested, got "
-                                 f"{self.absmax.size} of {self.absmax.dtype}")
             self.state2.check_matches(self.absmax)
         for name, table, size in tables:
             if table.size != size or table.dtype != xp.float32 or not bool(xp.isfinite(table).all()):

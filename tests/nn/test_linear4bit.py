@@ -69,6 +69,22 @@ def test_state_dict_keys_are_bitsandbytes_and_round_trip():
         b.load_state_dict({k: v for k, v in a.state_dict().items() if "absmax" not in k})
 
 
+def test_failed_4bit_load_changes_nothing():
+    """Every 4-bit layer's statistics are checked before any is replaced: one corrupt layer must not leave the
+    others holding the file's statistics beside their old codes."""
+    from minilora.nn.module import ModuleList
+    a = ModuleList([Linear4bit.from_linear(lin(64, 32, seed=s)) for s in (1, 2)])
+    b = ModuleList([Linear4bit.from_linear(lin(64, 32, seed=s)) for s in (3, 4)])
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    before = [m(x) for m in b]
+    sd = {k: np.array(v) for k, v in a.state_dict().items()}
+    sd["1.weight.absmax"] = sd["1.weight.absmax"][:-1]               # layer 1 corrupt, layer 0 fine
+    with pytest.raises(ValueError, match="absmax must hold 32"):
+        b.load_state_dict(sd)
+    for m, y in zip(b, before):
+        np.testing.assert_array_equal(m(x), y)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_qlora_backward_matches_finite_differences(dropout):
     layer = QLoRALinear(lin(20, 12, dtype="float64"), r=3, lora_alpha=6, lora_dropout=dropout,
