@@ -5,12 +5,12 @@ import json
 import math
 import warnings
 
-import numpy as np
 import pytest
 
 from minilora import demo, demo_plots
 from minilora.data import load_corpus
 from minilora.pretrain import load_base
+from torch_twin import torch_copy_of
 
 ROW_KEYS = {"label", "trainable_params", "total_params", "trainable_percent", "frozen_base_bytes", "trainable_bytes",
             "gradient_bytes", "optimizer_bytes", "peak_bytes", "cpu_s_per_step", "code_bits_before", "code_bits_after",
@@ -89,25 +89,10 @@ def test_full_finetune_checkpoint_loads(run):
 def test_adapters_load_in_hugging_face_peft_without_missing_keys(run):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from minilora.nn import Embedding, LayerNorm, Linear
     out, _ = run
     base, _ = load_base()
 
-    def tree(module):                                   # torch modules with our dotted names and shapes
-        if isinstance(module, Linear):
-            return torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        if isinstance(module, Embedding):
-            return torch.nn.Embedding(module.num_embeddings, module.embedding_dim)
-        if isinstance(module, LayerNorm):
-            return torch.nn.LayerNorm(module.ndim, eps=module.eps, bias=module.bias is not None)
-        node = torch.nn.Module()
-        for name, child in module.named_children():
-            node.add_module(name, tree(child))
-        return node
-
-    t = tree(base)
-    t.prepare_inputs_for_generation = lambda *a, **k: {}
-    t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in base.state_dict().items()}, strict=True)
+    t = torch_copy_of(base, torch)                      # torch modules with our names, shapes and weights
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(t, str(out / "adapters" / "lora_all"))

@@ -27,6 +27,22 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def check_lora_grads(layer, x, dout, seed=0, tol=1e-7):
+    """dx, dA, dB of a LoRA/QLoRA layer (adapter "default") vs finite differences of L = Σ layer(x)·dout.
+
+    The layer's generator is re-seeded before every forward, so each evaluation draws the same dropout mask."""
+    def fwd():
+        layer._rng = np.random.default_rng(seed)
+        return layer(x)
+
+    fwd()
+    dx = layer.backward(dout)
+    L = lambda: float(np.sum(fwd() * dout))                     # noqa: E731
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    for name, arr, hand in [("x", x, dx), ("A", A.data, A.grad), ("B", B.data, B.grad)]:
+        assert rel_err(hand, fd_grad(L, arr)) < tol, name
+
+
 def torch_gpt(cfg, torch):
     """The same architecture in plain torch (modules named like ours and HF GPT-2)."""
     nn = torch.nn

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nn_reference import fd_grad, rel_err, torch_gpt
+from nn_reference import check_lora_grads, rel_err, torch_gpt
 
 from minilora.nn import GPT, GPTConfig, Linear, Linear4bit, LoRALinear, Params4bit, QLoRALinear
 from minilora.backend import to_numpy
@@ -90,19 +90,7 @@ def test_qlora_backward_matches_finite_differences(dropout):
     layer = QLoRALinear(lin(20, 12, dtype="float64"), r=3, lora_alpha=6, lora_dropout=dropout,
                         init_lora_weights=False, rng=np.random.default_rng(0))
     assert layer.base_layer.dequantize_weight().dtype == np.float64
-    x = RNG.standard_normal((4, 20))
-    dout = RNG.standard_normal((4, 12))
-
-    def fwd():
-        layer._rng = np.random.default_rng(7)
-        return layer(x)
-
-    fwd()
-    dx = layer.backward(dout)
-    L = lambda: float(np.sum(fwd() * dout))                      # noqa: E731
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
-    for name, arr, hand in [("x", x, dx), ("A", A.data, A.grad), ("B", B.data, B.grad)]:
-        assert rel_err(hand, fd_grad(L, arr)) < 1e-7, name
+    check_lora_grads(layer, RNG.standard_normal((4, 20)), RNG.standard_normal((4, 12)), seed=7)
     assert layer.base_layer.weight.grad is None
 
 

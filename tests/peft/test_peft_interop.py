@@ -16,31 +16,9 @@ from minilora.peft.config import CONFIG_NAME, WEIGHTS_NAME
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from safetensors.numpy import load_file  # noqa: E402
+from torch_twin import torch_copy_of  # noqa: E402
 
 CFG = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
-
-
-def torch_tree(module):
-    """A torch.nn module tree with the same dotted names and parameter shapes as a minilora module tree."""
-    from minilora.nn import Embedding, LayerNorm, Linear
-    if isinstance(module, Linear):
-        return torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    if isinstance(module, Embedding):
-        return torch.nn.Embedding(module.num_embeddings, module.embedding_dim)
-    if isinstance(module, LayerNorm):
-        return torch.nn.LayerNorm(module.ndim, eps=module.eps, bias=module.bias is not None)
-    node = torch.nn.Module()
-    for name, child in module.named_children():
-        node.add_module(name, torch_tree(child))
-    return node
-
-
-def torch_copy_of(model):
-    """torch tree holding exactly model's (base) weights."""
-    tree = torch_tree(model)
-    tree.prepare_inputs_for_generation = lambda *a, **k: {}      # PeftModelForCausalLM (task_type) asks for it
-    tree.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=True)
-    return tree
 
 
 def randomize_B(pm, seed=0):
@@ -68,7 +46,7 @@ def layer_outputs_match(ours, theirs, paths, seed=0):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_adapter_saved_here_loads_in_peft(tmp_path, use_rslora):
     base = GPT(GPTConfig(**CFG))
-    tree = torch_copy_of(base)                           # before injection: the base weights only
+    tree = torch_copy_of(base, torch)                    # before injection: the base weights only
     config = LoraConfig(r=4, lora_alpha=12, target_modules=["c_attn", "mlp.c_proj"], use_rslora=use_rslora)
     ours = get_peft_model(base, config)
     randomize_B(ours)
@@ -95,7 +73,7 @@ def test_adapter_saved_here_loads_in_peft(tmp_path, use_rslora):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_adapter_saved_by_peft_loads_here(tmp_path, use_rslora):
     base = GPT(GPTConfig(**CFG))
-    tree = torch_copy_of(base)
+    tree = torch_copy_of(base, torch)
     torch.manual_seed(0)
     theirs = peft.get_peft_model(tree, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["c_fc", "c_attn"],
                                                        init_lora_weights=False, use_rslora=use_rslora))
@@ -130,14 +108,14 @@ def test_file_layout_is_peft_layout(tmp_path):
     assert sorted(t2) == sorted(f"base_model.model.transformer.h.{i}.mlp.c_fc.{ab}.weight"
                                 for i in range(2) for ab in ("lora_A", "lora_B"))
     # PEFT reads the sub-folder adapter too
-    theirs = peft.PeftModel.from_pretrained(torch_copy_of(GPT(GPTConfig(**CFG))), str(tmp_path / "other"))
+    theirs = peft.PeftModel.from_pretrained(torch_copy_of(GPT(GPTConfig(**CFG)), torch), str(tmp_path / "other"))
     assert theirs.peft_config["default"].r == 3
 
 
 def test_modules_to_save_cross_over_both_ways(tmp_path):
     """A trained copy of lm_head (PEFT's modules_to_save) is saved whole as base_model.model.lm_head.weight."""
     base = GPT(GPTConfig(**CFG))
-    tree = torch_copy_of(base)
+    tree = torch_copy_of(base, torch)
     ours = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))
     randomize_B(ours)
     head = ours.base_model.model.lm_head.modules_to_save["default"].weight

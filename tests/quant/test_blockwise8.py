@@ -1,19 +1,10 @@
 """8-bit dynamic blockwise quantization: golden numbers, zero blocks, the LUT emulation, errors, backends."""
 import numpy as np
 import pytest
+from quant_reference import errors
 
 from minilora import backend
 from minilora.quant import (create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_blockwise_lut)
-
-
-@pytest.fixture(scope="module")
-def pinned():
-    return np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-
-
-def errors(x, y):
-    e = np.abs(x.astype(np.float64) - y.astype(np.float64))
-    return e.mean(), (e / (np.abs(x) + 1e-8)).mean()
 
 
 def test_golden_exact_nearest(pinned):

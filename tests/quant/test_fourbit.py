@@ -7,6 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
+from quant_reference import errors
 
 from minilora import backend
 from minilora.io import load_safetensors, save_safetensors
@@ -14,16 +15,6 @@ from minilora.quant import (ALLOWED_BLOCKSIZES, QuantState, dequantize_4bit, deq
                             quantize_4bit)
 from minilora.quant.codebooks import midpoints
 from minilora.quant.report import pinned_input
-
-
-@pytest.fixture(scope="module")
-def pinned():
-    return np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-
-
-def errors(x, y):
-    e = np.abs(x.astype(np.float64) - y.astype(np.float64))
-    return e.mean(), (e / (np.abs(x) + 1e-8)).mean()
 
 
 # --- §2.2 worked examples: exact bytes ------------------------------------------------------------------------------
