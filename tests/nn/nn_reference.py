@@ -43,6 +43,29 @@ def check_lora_grads(layer, x, dout, seed=0, tol=1e-7):
         assert rel_err(hand, fd_grad(L, arr)) < tol, name
 
 
+def check_step_against_peft(m, pm, torch, seed=0, tol=1e-10):
+    """One loss + backward on the same random (2, block_size) batch through our GPT `m` and the torch + PEFT model
+    `pm`: equal losses, equal gradients for every trainable parameter, no gradient for a frozen one. Returns the
+    number of gradients compared."""
+    rng = np.random.default_rng(seed)
+    V, T = m.config.vocab_size, m.config.block_size
+    idx, tg = rng.integers(0, V, (2, T)), rng.integers(0, V, (2, T))
+    _, loss = m(idx, tg)
+    m.backward()
+    _, tloss = pm(torch.from_numpy(idx), torch.from_numpy(tg))
+    tloss.backward()
+    assert abs(loss - tloss.item()) < tol * tloss.item()
+    tp = dict(pm.named_parameters())
+    n_checked = 0
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, tp["base_model.model." + name].grad.numpy()) < tol, name
+            n_checked += 1
+        else:
+            assert p.grad is None, name                                 # frozen W0 never gets a gradient
+    return n_checked
+
+
 def torch_gpt(cfg, torch):
     """The same architecture in plain torch (modules named like ours and HF GPT-2)."""
     nn = torch.nn
