@@ -233,12 +233,17 @@ class GPT(Module):
         xp = get_array_module(idx)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0 (0 = no top-k filter, as transformers), "
+                             f"got {top_k!r}")
         rng = default_rng() if rng is None else rng
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.config.block_size:]                 # (B, ≤block_size)
             logits, _ = self(ctx)                                  # (B, t, V)
             z = logits[:, -1, :] / temperature                     # (B, V)
-            if top_k is not None:
+            if top_k:
                 kth = xp.sort(z, axis=-1)[:, -min(int(top_k), z.shape[-1])][:, None]   # (B, 1)
                 z = xp.where(z < kth, -xp.inf, z)                  # (B, V)
             p = xp.exp(z - z.max(axis=-1, keepdims=True))          # (B, V)

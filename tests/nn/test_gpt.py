@@ -86,6 +86,11 @@ def test_generate_shapes_determinism_and_greedy_top_k():
     assert np.array_equal(g[:, -1], m(idx)[0][:, -1].argmax(-1))
     with pytest.raises(ValueError, match="temperature"):
         m.generate(idx, 1, temperature=0)
+    assert np.array_equal(m.generate(idx, 4, top_k=0, rng=default_rng(3)), a[:, :7])   # 0 = no filter (HF)
+    with pytest.raises(ValueError, match="top_k"):
+        m.generate(idx, 1, top_k=-2)                                # was silently a threshold at the 3rd smallest
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.generate(idx, -1)
 
 
 def test_gpt_bad_inputs():
