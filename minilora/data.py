@@ -84,6 +84,9 @@ class Corpus:
     def eval_windows(self, split: str, block_size: int, n_windows: int):
         """n_windows fixed windows spread evenly over the split (no randomness), so every evaluation of every
         model sees exactly the same bytes: x, y int64 (n_windows, block_size)."""
+        if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1:
+            raise ValueError(f"n_windows must be an integer >= 1, got {n_windows!r} (an empty evaluation set has "
+                             "no mean loss)")
         data = self.split(split)
         last = len(data) - block_size - 1
         if last < 0:
@@ -185,7 +188,9 @@ def load_corpus(name: str) -> Corpus:
         h.update(train_text.encode("utf-8"))
         h.update(b"\x00--val--\x00")
         h.update(val_text.encode("utf-8"))
-        _cache[name] = Corpus(name, encode(train_text), encode(val_text), h.hexdigest(), DESCRIPTIONS[name], sources)
+        train_ids, val_ids = encode(train_text), encode(val_text)
+        train_ids.flags.writeable = val_ids.flags.writeable = False   # shared by every caller: nobody may edit it
+        _cache[name] = Corpus(name, train_ids, val_ids, h.hexdigest(), DESCRIPTIONS[name], sources)
     return _cache[name]
 
 

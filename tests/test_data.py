@@ -91,4 +91,8 @@ def test_bad_input_errors():
         data.get_batch(np.zeros(5, np.uint8), 2, 8, np.random.default_rng(0))
     with pytest.raises(ValueError, match="must be >= 1"):
         data.get_batch(c.train, 0, 8, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="n_windows must be"):
+        c.eval_windows("val", 8, 0)                                 # was an empty set (then a division by zero)
+    with pytest.raises(ValueError, match="read-only"):
+        c.train[0] = 0                                              # the cached corpus is shared by every caller
     assert abs(data.bits_per_byte(np.log(2.0)) - 1.0) < 1e-12
