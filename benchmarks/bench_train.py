@@ -364,8 +364,8 @@ def main(argv=None) -> int:
                "memory": {k: {kk: vv for kk, vv in v.items()} for k, v in mem.items()},
                "checks": [dict(label=c[0], value=c[1], limit=None if c[2] == math.inf else c[2], verdict=c[3])
                           for c in checks]}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        from minilora.io import atomic_write_text  # noqa: PLC0415 - a partial results file never replaces a good one
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=str))
     return 0
 
 
