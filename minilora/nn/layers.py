@@ -41,6 +41,16 @@ def raise_no_cache(layer):
                        "(or twice for one forward)")
 
 
+def check_dout(layer, dout, shape, dtype):
+    """dout must have the forward output's shape and dtype, as torch requires of a backward's gradient: a reshape
+    or a broadcast would otherwise turn a transposed or (1, C)-shaped dout into silently wrong gradients."""
+    if tuple(dout.shape) != tuple(shape):
+        raise ValueError(f"{type(layer).__name__}.backward: dout has shape {tuple(dout.shape)}, the forward output "
+                         f"had {tuple(shape)}")
+    if dout.dtype != dtype:
+        raise TypeError(f"{type(layer).__name__}.backward: dout is {dout.dtype}, the forward output was {dtype}")
+
+
 class Linear(Module):
     """y = x Wᵀ + b with W (out_features, in_features), b (out_features,) or None.
 
@@ -73,6 +83,7 @@ class Linear(Module):
         if self._cache is None:
             raise_no_cache(self)
         x2, lead = self._cache
+        check_dout(self, dout, (*lead, self.out_features), x2.dtype)
         self._cache = None                                 # one backward per forward: free x as soon as it is used
         W, b = self.weight, self.bias
         dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data, need_dx=need_dx,
@@ -111,6 +122,7 @@ class Embedding(Module):
     def backward(self, dout):
         if self._cache is None:
             raise_no_cache(self)
+        check_dout(self, dout, (*self._cache.shape, self.embedding_dim), self.weight.data.dtype)
         idx, self._cache = self._cache, None
         if self.weight.requires_grad:
             self.weight.accumulate_grad(F.embedding_backward(dout, idx, self.weight.data.shape), owned=True)
@@ -143,6 +155,7 @@ class LayerNorm(Module):
     def backward(self, dout):
         if self._cache is None:
             raise_no_cache(self)
+        check_dout(self, dout, (*self._cache[1], self.ndim), self.weight.data.dtype)
         (cache, lead), self._cache = self._cache, None
         w, b = self.weight, self.bias
         dx, dw, db = F.layernorm_backward(dout.reshape(-1, self.ndim), cache, w.data, need_dw=w.requires_grad,
@@ -171,5 +184,7 @@ class GELU(Module):
     def backward(self, dout):
         if self._cache is None:
             raise_no_cache(self)
+        x = self._cache[0]
+        check_dout(self, dout, x.shape, x.dtype)
         cache, self._cache = self._cache, None
         return F.gelu_backward(dout, cache)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from minilora.backend import get_array_module
 from minilora.nn import functional as F
-from minilora.nn.layers import Linear, check_input, raise_no_cache
+from minilora.nn.layers import Linear, check_dout, check_input, raise_no_cache
 from minilora.nn.module import Module
 from minilora.nn.parameter import Parameter
 from minilora.quant import QuantState, dequantize_4bit, quantize_4bit
@@ -106,7 +106,9 @@ class Linear4bit(Module):
     def backward(self, dout, need_dx=True):
         if self._cache is None:
             raise_no_cache(self)
-        (x2, lead), self._cache = self._cache, None                           # freed once used
+        x2, lead = self._cache
+        check_dout(self, dout, (*lead, self.out_features), x2.dtype)
+        self._cache = None                                                     # freed once used
         b = self.bias
         need_db = b is not None and b.requires_grad
         W = self.dequantize_weight() if need_dx else None                      # (D_out, D_in) only if dx is wanted

@@ -163,6 +163,23 @@ def test_bad_inputs_raise_clear_errors():
         lin(np.zeros((2, 4), np.int64))
     with pytest.raises(RuntimeError, match="without a forward"):
         Linear(4, 3).backward(np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: Linear(4, 6), np.ones((4, 4), np.float32)),
+    (lambda: LayerNorm(6), np.ones((4, 6), np.float32)),
+    (lambda: GELU(), np.ones((4, 6), np.float32)),
+    (lambda: Embedding(8, 6), np.zeros(4, np.int64))])
+def test_backward_refuses_a_dout_unlike_the_output(make, x):
+    """A transposed dout of the right size used to be reshaped, a (1, C) one broadcast: silently wrong gradients."""
+    layer = make()
+    y = layer(x)                                                  # (4, 6)
+    for bad in (np.ones((6, 4), np.float32), np.ones((1, 6), np.float32)):
+        with pytest.raises(ValueError, match=r"dout has shape"):
+            layer.backward(bad)
+    with pytest.raises(TypeError, match="dout is float64"):
+        layer.backward(np.ones(y.shape))
+    layer.backward(np.ones_like(y))                               # the failed calls kept the cache
     with pytest.raises(ValueError, match="in_features"):
         Linear(0, 3)
     with pytest.raises(TypeError, match="dtype"):

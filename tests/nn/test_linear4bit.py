@@ -37,6 +37,8 @@ def test_linear4bit_stores_codes_and_matches_dequantized_linear():
     held = [v for v in list(vars(q).values()) + list(q._cache or []) if hasattr(v, "shape")]
     assert all(tuple(v.shape) != (48, 128) for v in held)
     dout = RNG.standard_normal(y.shape).astype(np.float32)
+    with pytest.raises(ValueError, match="dout has shape"):
+        q.backward(dout.reshape(5, 2, 48))                                # same size, wrong shape: not reshaped
     dx = q.backward(dout)
     np.testing.assert_allclose(dx, dout @ W, rtol=1e-5, atol=1e-6)
     assert q.weight.grad is None and q.bias.grad is None
