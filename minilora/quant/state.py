@@ -81,12 +81,13 @@ class QuantState:
     # --- consistency --------------------------------------------------------------------------------------------------
 
     def check_matches(self, A) -> None:
-        """ValueError unless A (packed 4-bit or 8-bit codes) and this state describe the same tensor."""
+        """TypeError unless A holds uint8 codes; ValueError unless A (packed 4-bit or 8-bit codes) and this state
+        describe the same tensor."""
         xp = get_array_module(A)
         n, bs = self.numel, self.blocksize
         want = (n + 1) // 2 if self.quant_type is not None else n
         if A.dtype != xp.uint8:
-            raise ValueError(f"quantized data must be uint8, got {A.dtype}")
+            raise TypeError(f"quantized data must be uint8, got {A.dtype}")
         if A.size != want:
             raise ValueError(f"QuantState does not match the data: shape {self.shape} needs {want} code bytes, "
                              f"got an array of shape {tuple(A.shape)} ({A.size} bytes)")
