@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from minilora.backend import default_rng, get_array_module
 from minilora.nn import functional as F
-from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear, raise_no_cache
+from minilora.nn.layers import GELU, Embedding, LayerNorm, Linear, check_dout, raise_no_cache
 from minilora.nn.module import Module, ModuleDict, ModuleList, call_backward
 
 
@@ -75,7 +75,9 @@ class CausalSelfAttention(Module):
     def backward(self, dout, need_dx=True):                # dout (B, T, C)
         if self._cache is None:
             raise_no_cache(self)
-        (cache, (B, T, C)), self._cache = self._cache, None   # freed once used
+        cache, (B, T, C) = self._cache
+        check_dout(self, dout, (B, T, C), cache[-1].dtype)
+        self._cache = None                                 # freed once used
         dy = self.c_proj.backward(dout.reshape(B * T, C))  # (N, C)
         dqkv = F.attention_backward(dy, cache)             # (N, 3C)
         dx = call_backward(self.c_attn, dqkv, need_dx)     # (N, C) or None

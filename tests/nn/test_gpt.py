@@ -146,6 +146,10 @@ def test_backward_frees_every_forward_cache(lora, ckpt):
         m.backward()
     with pytest.raises(RuntimeError, match="twice for one forward"):
         m.transformer.h[1].mlp.act.backward(np.ones((3, 8, 32)))
+    attn = m.transformer.h[0].attn
+    attn(np.ones((3, 8, 8)))
+    with pytest.raises(ValueError, match="dout has shape"):
+        attn.backward(np.ones((8, 3, 8)))                           # same size, batch and time swapped
 
 
 @pytest.mark.parametrize("lora", [False, True])
