@@ -1,7 +1,8 @@
 """Module: a tiny `torch.nn.Module` (parameters, children, dotted names, train/eval, state_dict) without autograd.
 
 There is no graph. Each layer's `forward` stores what its `backward` needs (the llm.c "cache") and `backward(dout)`
-returns the gradient for its input while accumulating into its Parameters' `.grad`. A parent calls its children
+returns the gradient for its input while accumulating into its Parameters' `.grad`, then frees the cache (one
+backward per forward, as autograd frees its saved tensors). A parent calls its children
 *through the attribute* (`self.attn.backward(...)`) in both directions, so replacing a child with
 `set_submodule("transformer.h.0.attn.c_attn", LoRALinear(...))` (what PEFT's injection does) changes the forward
 and the backward at once.
