@@ -408,14 +408,19 @@ def _figures_dir(args):
     return default_out_dir()
 
 
-def _write(result, out: Path, fig_dirs, plot) -> str:
+def _finish(result, out: Path, fig_dirs, plot, t_start: float, files: str) -> int:
+    """Add the paper notes and wall time, write table.md/table.json and the figures, print the table."""
+    result["notes"] = paper_notes(result)
+    result["wall_time_s"] = time.perf_counter() - t_start
     text = format_table(result)
     atomic_write_text(out / "table.md", text)
     save_json(out / "table.json", result)
     from minilora import demo_plots  # noqa: PLC0415 - matplotlib only when writing figures
     for d in fig_dirs:
         plot(demo_plots, result, d)
-    return text
+    print(text)
+    print(f"wrote {out}/{files} and figures in {', '.join(str(d) for d in fig_dirs)} ({result['wall_time_s']:.0f} s)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -443,13 +448,8 @@ def main(argv=None) -> int:
                      probe_memory=False)
             rows.append({"r": r, "trainable_params": trainable, "code_bits_after": bits(model, corpora["stdlib"], s)})
         result.update(methods={}, sweep=rows)
-        result["notes"] = paper_notes(result)
-        result["wall_time_s"] = time.perf_counter() - t_start
-        text = _write(result, out, fig_dirs, lambda dp, res, d: dp.rank_sweep_figure(res, d))
-        print(text)
-        print(f"wrote {out}/table.md, table.json and figures in {', '.join(str(d) for d in fig_dirs)} "
-              f"({result['wall_time_s']:.0f} s)")
-        return 0
+        return _finish(result, out, fig_dirs, lambda dp, res, d: dp.rank_sweep_figure(res, d), t_start,
+                       "table.md, table.json")
 
     rows, keep = {}, {}
     for method in METHODS:
@@ -468,13 +468,8 @@ def main(argv=None) -> int:
         result["swap"] = adapter_swap(keep["lora_all"], corpora, s, args.seed, out, args.base, progress)
     except FileNotFoundError as e:                   # idlelib is a separate package on some Linux distributions
         result["swap_skipped"] = str(e)
-    result["notes"] = paper_notes(result)
-    result["wall_time_s"] = time.perf_counter() - t_start
-    text = _write(result, out, fig_dirs, lambda dp, res, d: dp.demo_figures(res, d))
-    print(text)
-    print(f"wrote {out}/table.md, table.json, adapters/, full_finetune.safetensors and figures in "
-          f"{', '.join(str(d) for d in fig_dirs)} ({result['wall_time_s']:.0f} s)")
-    return 0
+    return _finish(result, out, fig_dirs, lambda dp, res, d: dp.demo_figures(res, d), t_start,
+                   "table.md, table.json, adapters/, full_finetune.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------- sample
