@@ -1,8 +1,10 @@
 """Bit-exact parity with bitsandbytes 0.50.2 on CPU (skipped when torch/bitsandbytes are absent).
 
-What is exact and what is not (quantization.md §7):
+What is exact and what is not (docs/quantization.md):
 * quantize_4bit runs bnb's pure-PyTorch default kernel on CPU: packed bytes and absmax must be byte-identical.
-* dequantize_4bit (C++ kernel or default fallback) gives the same bits as code[q] * absmax.
+* dequantize_4bit: minilora's output must equal the hand computation code[q] * absmax, always; bnb's kernel is
+  compared with that same hand computation separately (bnb_oracle.py). bnb 0.50.2's C++ kernel breaks it on
+  AVX-512 CPUs for blocksize 128/256; there the test ends as an xfail naming the fault and counting the values.
 * Double quantization: bnb's offset is torch's float32 mean, we take the float64 mean rounded once; the two reduce
   in different orders and differ by about 1 ulp. So the nested step is compared on bnb's own absmax - offset:
   bnb's CPU quantize_blockwise is a 65,536-bin LUT approximation (not nearest-code), so its nested codes are
@@ -18,6 +20,8 @@ from minilora.quant import (QuantState, create_dynamic_map, create_normal_map, d
                             dequantize_blockwise, get_4bit_type, int8_vectorwise_dequant, int8_vectorwise_quant,
                             quantize_4bit, quantize_blockwise, quantize_blockwise_lut)
 from minilora.quant.codebooks import midpoints  # noqa: E402
+
+from bnb_oracle import BnbOracle, hand_dequantize_4bit  # noqa: E402
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SHAPES = [(1,), (2,), (3,), (31,), (64,), (65,), (127,), (1000,), (4097,), (5001,), (33, 17), (8, 64),
@@ -60,11 +64,11 @@ def bnb_quant(x, blocksize, quant_type, dq=False):
     return p, s
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_quantize_4bit_bytes_and_absmax_match_bnb(quant_type, dtype):
+def quantize_parity_cases(quant_type, dtype, bnb_dequantize_4bit):
+    """Every (kind, shape, blocksize) case: bytes and absmax identical to bnb's; dequantized output checked against
+    code[q] * absmax first, bnb's dequantize_4bit second (bnb_oracle.py). Returns the oracle and the case count."""
     rng = np.random.default_rng(7)
-    checked = 0
+    oracle, checked = BnbOracle(), 0
     for kind in ("plain", "huge", "tiny", "midpoints", "zeros", "mixed"):
         for shape in SHAPES:
             for bs in BLOCKSIZES:
@@ -78,11 +82,38 @@ def test_quantize_4bit_bytes_and_absmax_match_bnb(quant_type, dtype):
                 assert np.array_equal(packed, tp.numpy()), where
                 assert np.array_equal(st.absmax.view(np.uint32), ts.absmax.numpy().view(np.uint32)), where
                 y = dequantize_4bit(packed, st)
-                ty = F.dequantize_4bit(tp, ts).numpy().reshape(x.shape)
-                assert y.dtype == ty.dtype == dtype and y.shape == x.shape, where
-                assert np.array_equal(y, ty), where      # exact (the brief allows 1 ulp; none is needed)
+                ty = bnb_dequantize_4bit(tp, ts).numpy().reshape(x.shape)
+                oracle.check("dequantize_4bit", y, hand_dequantize_4bit(packed, st), ty, bs, where)
                 checked += 1
+    return oracle, checked
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantize_4bit_bytes_and_absmax_match_bnb(quant_type, dtype):
+    oracle, checked = quantize_parity_cases(quant_type, dtype, F.dequantize_4bit)
     assert checked > 150
+    oracle.finish()                                  # xfail only if bnb's own kernel broke its definition
+
+
+def fake_avx512_dequantize_4bit(tp, ts):
+    """bnb's dequantize_4bit with the AVX-512 fault planted: blocksize 128/256 outputs of 2-D inputs perturbed."""
+    y = F.dequantize_4bit(tp, ts)
+    if ts.blocksize in (128, 256) and len(ts.shape) == 2:
+        y = y.clone()
+        y.view(-1)[1::3] *= 1.5
+    return y
+
+
+def test_fake_broken_bnb_kernel_is_an_xfail_naming_the_fault():
+    """On any CPU: a planted bnb fault of the known kind turns into an xfail that names it and counts the values;
+    minilora's own outputs are still checked against code[q] * absmax in every case."""
+    oracle, checked = quantize_parity_cases("nf4", np.float32, fake_avx512_dequantize_4bit)
+    assert checked > 150
+    rows = oracle.deviations["bnb-0.50-cpu-dequantize_4bit-avx512"]
+    assert {"plain (8, 64) bs=128 float32 nf4", "plain (8, 64) bs=256 float32 nf4"} <= {w for w, _, _ in rows}
+    with pytest.raises(pytest.xfail.Exception, match=r"known upstream fault \[bnb-0.50-cpu-dequantize_4bit-avx512\]"):
+        oracle.finish()
 
 
 def ulp_distance(a, b):
@@ -102,6 +133,7 @@ def redispatch_default_blockwise(A, code, blocksize):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_double_quant_matches_bnb(quant_type):
     rng = np.random.default_rng(11)
+    oracle = BnbOracle()
     dyn_t = F.create_dynamic_map().to(torch.float32)
     for shape, bs, dtype in [((1024, 1024), 64, np.float32), ((300, 70), 32, np.float16), ((5001,), 64, np.float32),
                              ((4097,), 4096, np.float32), ((128, 512), 128, np.float32), ((77,), 64, np.float16)]:
@@ -127,12 +159,14 @@ def test_double_quant_matches_bnb(quant_type):
         host = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in ts.as_dict(packed=True).items()}
         ours = QuantState.from_dict(host)
         y = dequantize_4bit(tp.numpy(), ours)
-        assert np.array_equal(y, F.dequantize_4bit(tp, ts).numpy().reshape(shape)), where
+        oracle.check("dequantize_4bit", y, hand_dequantize_4bit(tp.numpy(), ours),
+                     F.dequantize_4bit(tp, ts).numpy().reshape(shape), bs, where)
         # Our own DQ round trip vs bnb's: the nested codes differ where bnb's LUT is off by one code, i.e. by at
         # most one step of the dynamic map (its widest step is 0.0140625) times absmax2, times |code| <= 1.
         step = np.diff(create_dynamic_map()).max()
         bound = step * st.state2.absmax.max() * 1.001 + 1e-6 * np.abs(y).max()
         assert np.abs(dequantize_4bit(packed, st).astype(np.float32) - y.astype(np.float32)).max() <= bound, where
+    oracle.finish()
 
 
 def test_as_dict_packed_layout_matches_bnb():
@@ -218,6 +252,7 @@ def test_random_cases_match_bnb():
     # 200 seeded random cases (sizes 1..5000, every block size, nf4/fp4, fp16/fp32, zero runs, odd n), as in
     # quantization.md §7's check of the default backend: bytes and absmax identical, dequantized identical.
     rng = np.random.default_rng(2026)
+    oracle = BnbOracle()
     for case in range(200):
         n = int(rng.integers(1, 5001))
         bs = int(rng.choice(BLOCKSIZES))
@@ -233,4 +268,6 @@ def test_random_cases_match_bnb():
         where = f"case {case}: n={n} bs={bs} {quant_type} {dtype.__name__}"
         assert np.array_equal(p, tp.numpy()), where
         assert np.array_equal(st.absmax.view(np.uint32), ts.absmax.numpy().view(np.uint32)), where
-        assert np.array_equal(dequantize_4bit(p, st), F.dequantize_4bit(tp, ts).numpy().reshape(n)), where
+        oracle.check("dequantize_4bit", dequantize_4bit(p, st), hand_dequantize_4bit(p, st),
+                     F.dequantize_4bit(tp, ts).numpy().reshape(n), bs, where)
+    oracle.finish()
