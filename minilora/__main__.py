@@ -1,6 +1,6 @@
 """`python -m minilora ...` is the same as the `minilora` command."""
 import sys
 
-from minilora.cli import main
+from minilora.apps.cli import main
 
 sys.exit(main())

@@ -51,11 +51,8 @@ Units: GB = 1e9 bytes (the papers' unit); MiB = 2**20 bytes.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 from fractions import Fraction
 
 GB = 10 ** 9
@@ -418,60 +415,3 @@ def format_estimate(est: MemoryEstimate) -> str:
         lines += [f"      {what:<62} {fmt_bytes(b):>14}" for c, what, b in est.details if c == cat and b]
     lines.append(f"  {'total':<18} {fmt_bytes(est.total_bytes):>14}   ({est.total_bytes / 2**30:,.2f} GiB)")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="minilora memory",
-                                description="Memory of full / LoRA / QLoRA fine-tuning, category by category.")
-    p.add_argument("--model", default="llama-7b", help=f"one of {', '.join(MODELS)} (default llama-7b)")
-    p.add_argument("--method", default="qlora", choices=list(METHOD_DEFAULTS))
-    p.add_argument("--r", type=int, default=None, help="LoRA rank (default: lora 8, qlora 64)")
-    p.add_argument("--targets", default=None, help="'q,v', 'q,k,v,o', 'all-linear' (default: lora q,v; qlora all-linear)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on for qlora (qlora.py), off otherwise")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--master-weights", action="store_true", help="full: add an fp32 master copy (4 B/param)")
-    p.add_argument("--upcast-non-quantized", action="store_true",
-                   help="qlora: embeddings/norms/lm_head in fp32 (PEFT prepare_model_for_kbit_training)")
-    for f in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size"):
-        p.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"override the model's {f}")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--explain", action="store_true", help="print every assumption, then the estimate")
-    p.add_argument("--list-models", action="store_true")
-    args = p.parse_args(argv)
-
-    if args.list_models:
-        for name, sh in MODELS.items():
-            print(f"{name:<10} n_layer={sh.n_layer:<3} d_model={sh.d_model:<6} n_head={sh.n_head:<3} "
-                  f"d_ff={sh.d_ff:<6} vocab={sh.vocab_size:<6} params={param_counts(sh)['total']:,}")
-        return 0
-    try:
-        shape = get_shape(args.model)
-    except KeyError as e:
-        print(f"minilora memory: {e.args[0]}", file=sys.stderr)
-        return 2
-    overrides = {f: getattr(args, f) for f in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size")
-                 if getattr(args, f) is not None}
-    try:
-        if overrides:
-            shape = dataclasses.replace(shape, name=shape.name + "(custom)", **overrides)
-        est = estimate(shape, args.method, r=args.r, targets=args.targets, seq_len=args.seq_len,
-                       batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing,
-                       double_quant=args.double_quant, master_weights=args.master_weights,
-                       upcast_non_quantized=args.upcast_non_quantized)
-    except ValueError as e:
-        print(f"minilora memory: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(est.to_dict()))
-        return 0
-    if args.explain:
-        print(__doc__)
-    print(est)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

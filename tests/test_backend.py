@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(minilora.__file__).parent
 HOST_ONLY = {
     "backend.py",      # the switch hands numpy out
     "io.py",           # safetensors files are host memory
-    "figures.py",      # matplotlib plots host arrays
+    "apps/figures.py", # matplotlib plots host arrays
     "data.py",         # text -> token ids happens on the host before the arrays move to the device
 }
 

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 
-from minilora import demo, demo_plots
+from minilora.apps import demo, demo_plots
 from minilora.data import load_corpus
-from minilora.pretrain import load_base
+from minilora.pretrained import load_base
 from torch_twin import torch_copy_of
 
 ROW_KEYS = {"label", "trainable_params", "total_params", "trainable_percent", "frozen_base_bytes", "trainable_bytes",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from minilora import figures
+from minilora.apps import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = [name for name, f in figures.FIGURES.items() if f.quick]

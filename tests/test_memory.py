@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minilora import memory
+from minilora.apps import memory_cli
 from minilora.memory import (GB, MiB, ModelShape, activation_bytes, bits_per_param, estimate, lora_trainable_params,
                              nf4_tensor_bytes, param_counts, rank1_factorize, square_layer_lora_params)
 
@@ -277,7 +278,7 @@ def test_module_does_not_import_numpy():
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def test_cli_json_has_total_trainable_breakdown(capsys):
-    assert memory.main(["--model", "llama-65b", "--method", "qlora", "--json"]) == 0
+    assert memory_cli.main(["--model", "llama-65b", "--method", "qlora", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert {"total_bytes", "trainable_params", "breakdown"} <= set(d)
     assert d["total_bytes"] < 48 * GB and d["trainable_params"] == 799_539_200
@@ -286,7 +287,7 @@ def test_cli_json_has_total_trainable_breakdown(capsys):
 def test_cli_options_reach_the_estimate(capsys):
     argv = ["--model", "gpt3-175b", "--method", "lora", "--r", "4", "--targets", "q,v", "--seq-len", "128",
             "--batch-size", "2", "--no-gradient-checkpointing", "--json"]
-    assert memory.main(argv) == 0
+    assert memory_cli.main(argv) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["trainable_params"] == 18_874_368
     assert d["settings"]["seq_len"] == 128 and d["settings"]["batch_size"] == 2
@@ -294,12 +295,12 @@ def test_cli_options_reach_the_estimate(capsys):
 
 
 def test_cli_readable_breakdown_and_explain(capsys):
-    assert memory.main(["--model", "llama-65b", "--method", "qlora"]) == 0
+    assert memory_cli.main(["--model", "llama-65b", "--method", "qlora"]) == 0
     out = capsys.readouterr().out
     for word in ("trainable params: 799,539,200", "weights", "adapters", "gradients", "optimizer_states",
                  "activations", "total"):
         assert word in out
-    assert memory.main(["--model", "llama-7b", "--method", "qlora", "--explain"]) == 0
+    assert memory_cli.main(["--model", "llama-7b", "--method", "qlora", "--explain"]) == 0
     out = capsys.readouterr().out
     for assumption in ("4.127", "12 B/param", "34 + 5·a·s/d", "Embeddings, norms and lm_head stay in 16-bit",
                        "paged AdamW"):
@@ -307,27 +308,27 @@ def test_cli_readable_breakdown_and_explain(capsys):
 
 
 def test_cli_unknown_model_exits_2_listing_known(capsys):
-    assert memory.main(["--model", "llama-8b"]) == 2
+    assert memory_cli.main(["--model", "llama-8b"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'llama-8b'" in err and "llama-65b" in err and "gpt3-175b" in err
 
 
 def test_cli_list_models_and_custom_shape(capsys):
-    assert memory.main(["--list-models"]) == 0
+    assert memory_cli.main(["--list-models"]) == 0
     out = capsys.readouterr().out
     assert "llama-7b" in out and "6,738,415,616" in out
-    assert memory.main(["--model", "llama-7b", "--n-layer", "16", "--method", "full", "--json"]) == 0
+    assert memory_cli.main(["--model", "llama-7b", "--n-layer", "16", "--method", "full", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["trainable_params"] == param_counts(memory.MODELS["llama-7b"])["total"] - 16 * 202_383_360
 
 
 def test_cli_bad_target_exits_2(capsys):
-    assert memory.main(["--model", "llama-7b", "--method", "lora", "--targets", "c_attn"]) == 2
+    assert memory_cli.main(["--model", "llama-7b", "--method", "lora", "--targets", "c_attn"]) == 2
     assert "matches no linear layer" in capsys.readouterr().err
 
 
 def test_minilora_cli_dispatches_memory(capsys):
-    from minilora import cli
+    from minilora.apps import cli
     assert cli.main(["memory", "--model", "llama-7b", "--method", "full", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable_params"] == 6_738_415_616
 

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from minilora import pretrain
+from minilora import pretrained
+from minilora.apps import pretrain
 from minilora.data import load_corpus
 from minilora.io import load_json
 
-META = load_json(pretrain.CHECKPOINT_DIR / pretrain.BASE_META)
+META = load_json(pretrained.CHECKPOINT_DIR / pretrained.BASE_META)
 
 
 def _same_corpus_or_skip():
@@ -21,20 +22,20 @@ def _same_corpus_or_skip():
 
 
 def test_shipped_checkpoint_is_small_and_complete():
-    size = (pretrain.CHECKPOINT_DIR / pretrain.BASE_WEIGHTS).stat().st_size
+    size = (pretrained.CHECKPOINT_DIR / pretrained.BASE_WEIGHTS).stat().st_size
     assert size < 5 * 2**20
     for key in ("config", "training", "corpus", "val_bits_per_byte", "short_run", "train_time_s", "eval_curve_bits"):
         assert key in META, key
-    model, meta = pretrain.load_base()
+    model, meta = pretrained.load_base()
     assert model.get_num_params() == meta["n_params"]
     assert meta["val_bits_per_byte"] < 3.0          # a real language model: far below 8 bits (uniform bytes)
 
 
 def test_shipped_checkpoint_reproduces_its_validation_loss():
     _same_corpus_or_skip()
-    model, meta = pretrain.load_base()
+    model, meta = pretrained.load_base()
     t = meta["training"]
-    got = pretrain.val_bits(model, load_corpus("pydoc"), t["block_size"], t["eval_windows"])
+    got = pretrained.val_bits(model, load_corpus("pydoc"), t["block_size"], t["eval_windows"])
     assert abs(got - meta["val_bits_per_byte"]) < 1e-3, (got, meta["val_bits_per_byte"])
 
 
@@ -42,14 +43,14 @@ def test_short_pretrain_run_matches_recorded_loss(tmp_path):
     _same_corpus_or_skip()
     short = META["short_run"]
     assert pretrain.main(short["argv"] + ["--out", str(tmp_path), "--no-progress"]) == 0
-    meta = json.loads((tmp_path / pretrain.BASE_META).read_text())
+    meta = json.loads((tmp_path / pretrained.BASE_META).read_text())
     assert meta["corpus"]["sha256"] == short["corpus_sha256"]
     assert meta["training"]["max_steps"] == 20
     # same seed, same batches: only BLAS summation order differs between machines
     assert abs(meta["val_bits_per_byte"] - short["val_bits_per_byte"]) < 0.05
     assert meta["val_bits_per_byte"] < meta["eval_curve_bits"][0][1] - 1.0        # it learned something
-    model, _ = pretrain.load_base(tmp_path)                                        # and the files load back
-    assert np.isfinite(pretrain.val_bits(model, load_corpus("pydoc"), 128, 16))
+    model, _ = pretrained.load_base(tmp_path)                                        # and the files load back
+    assert np.isfinite(pretrained.val_bits(model, load_corpus("pydoc"), 128, 16))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -69,6 +69,21 @@ class Linear(Module):
         self.bias = Parameter(rng.uniform(-bound, bound, (out_features,)).astype(dt)) if bias else None
         self._cache = None
 
+    @classmethod
+    def from_weight(cls, weight, bias=None) -> Linear:
+        """A Linear holding the given arrays as its Parameters, W (out_features, in_features) and b (out_features,)
+        or None, with no random draw (torch builds an uninitialised one with `torch.nn.utils.skip_init`)."""
+        if weight.ndim != 2 or (bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+            raise ValueError(f"Linear.from_weight needs W (out, in) and b (out,) or None, got W {tuple(weight.shape)}"
+                             f", b {None if bias is None else tuple(bias.shape)}")
+        obj = cls.__new__(cls)
+        Module.__init__(obj)
+        obj.out_features, obj.in_features = weight.shape
+        obj.weight = Parameter(weight)                                                    # (out, in)
+        obj.bias = None if bias is None else Parameter(bias)                              # (out,)
+        obj._cache = None
+        return obj
+
     supports_need_dx = True
 
     def forward(self, x):

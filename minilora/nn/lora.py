@@ -11,11 +11,20 @@ and nothing for W0: the base layer is frozen, so its dW matmul is skipped and no
 ever allocated for it. Wrapping a `Linear4bit` instead of a `Linear` gives QLoRA: W0 lives in NF4 and dx flows
 through the dequantized W0 (arXiv 2305.14314).
 
+As in PEFT, `lora_A` and `lora_B` are ModuleDicts of bias-free Linear layers, one per adapter name:
+
+    layer.lora_A["default"].weight      A (r, D_in)        PEFT: nn.Linear(in_features, r, bias=False)
+    layer.lora_B["default"].weight      B (D_out, r)       PEFT: nn.Linear(r, out_features, bias=False)
+
+so code written here runs on a PEFT model unchanged. The Linears only hold the weights: forward and backward call
+`functional.lora_forward` / `lora_backward` on their `.weight.data` (never the Linears' own passes), and dA, dB
+accumulate into `.weight.grad`.
+
 Mirrors Hugging Face PEFT `src/peft/tuners/lora/layer.py` (`LoraLayer`, `Linear`: per-adapter dicts `r`,
-`lora_alpha`, `scaling`, `lora_dropout`, `lora_A`, `lora_B`; `update_layer`, `set_adapter`, `delete_adapter`,
-`get_delta_weight`, `merge(safe_merge, adapter_names)`, `unmerge` LIFO) and `bnb.py` (`Linear4bit.merge`
-dequantizes, adds ΔW and re-quantizes). In-memory parameter names are PEFT's: `base_layer.weight`,
-`lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`.
+`lora_alpha`, `scaling`, `lora_dropout`, ModuleDicts `lora_A`, `lora_B`; `update_layer`, `set_adapter`,
+`delete_adapter`, `get_delta_weight`, `merge(safe_merge, adapter_names)`, `unmerge` LIFO) and `bnb.py`
+(`Linear4bit.merge` dequantizes, adds ΔW and re-quantizes). In-memory parameter names are PEFT's:
+`base_layer.weight`, `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`.
 """
 from __future__ import annotations
 
@@ -24,51 +33,9 @@ import warnings
 
 from minilora.backend import default_rng, get_array_module
 from minilora.nn import functional as F
-from minilora.nn.module import Module, call_backward
-from minilora.nn.parameter import Parameter
-
-
-class LoraWeights(Module):
-    """PEFT's `lora_A` / `lora_B` ModuleDict, flattened: adapter name -> Parameter, named "<adapter>.weight"."""
-
-    def __init__(self):
-        super().__init__()
-        self._params = {}
-
-    def _named_local_parameters(self):
-        for name, p in self._params.items():
-            yield f"{name}.weight", p
-
-    def __getitem__(self, name):
-        return self._params[name]
-
-    def __setitem__(self, name, p):
-        self._params[name] = p
-
-    def __delitem__(self, name):
-        del self._params[name]
-
-    def __contains__(self, name):
-        return name in self._params
-
-    def __iter__(self):
-        return iter(self._params)
-
-    def __len__(self):
-        return len(self._params)
-
-    def keys(self):
-        return self._params.keys()
-
-    def items(self):
-        return self._params.items()
-
-    def extra_repr(self):
-        return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._params.items())
-
-
-def _is_4bit(layer) -> bool:
-    return hasattr(layer, "dequantize_weight")
+from minilora.nn.layers import Linear
+from minilora.nn.linear4bit import Linear4bit
+from minilora.nn.module import Module, ModuleDict, call_backward
 
 
 class LoRALinear(Module):
@@ -77,15 +44,14 @@ class LoRALinear(Module):
     def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None):
         super().__init__()
-        if not (hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features")
-                and isinstance(base_layer, Module)):
+        if not isinstance(base_layer, (Linear, Linear4bit)):
             raise TypeError(f"LoRALinear wraps a Linear or Linear4bit, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad = False                        # W0 (and b) frozen: no grad, no optimizer state
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = LoraWeights()                        # adapter -> Parameter (r, D_in)
-        self.lora_B = LoraWeights()                        # adapter -> Parameter (D_out, r)
+        self.lora_A = ModuleDict()                         # adapter -> Linear(D_in, r, bias=False), weight (r, D_in)
+        self.lora_B = ModuleDict()                         # adapter -> Linear(r, D_out, bias=False), weight (D_out, r)
         self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora = {}, {}, {}, {}, {}
         self.active_adapters = [adapter_name]
         self.merged_adapters = []
@@ -107,7 +73,7 @@ class LoRALinear(Module):
     @property
     def weight_dtype(self):
         b = self.base_layer
-        return b.compute_dtype if _is_4bit(b) else b.weight.data.dtype
+        return b.compute_dtype if isinstance(b, Linear4bit) else b.weight.data.dtype
 
     def get_base_layer(self):
         return self.base_layer
@@ -141,13 +107,13 @@ class LoRALinear(Module):
             B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), (d_out, r))   # (D_out, r) not a no-op
         else:
             B = get_array_module(A).zeros((d_out, r))                           # (D_out, r)  ΔW = 0 at the start
+        self.lora_A[adapter_name] = Linear.from_weight(A.astype(dt))           # PEFT: nn.Linear(D_in, r, bias=False)
+        self.lora_B[adapter_name] = Linear.from_weight(B.astype(dt))           # PEFT: nn.Linear(r, D_out, bias=False)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout[adapter_name] = float(lora_dropout)
-        self.lora_A[adapter_name] = Parameter(A.astype(dt))
-        self.lora_B[adapter_name] = Parameter(B.astype(dt))
         self.set_adapter(self.active_adapters)             # keeps the active set; fixes requires_grad flags
 
     def set_adapter(self, adapter_names):
@@ -161,8 +127,8 @@ class LoRALinear(Module):
             self.unmerge()
         for key in self.lora_A:
             trainable = key in names
-            self.lora_A[key].requires_grad = trainable
-            self.lora_B[key].requires_grad = trainable
+            self.lora_A[key].weight.requires_grad = trainable
+            self.lora_B[key].weight.requires_grad = trainable
         self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str):
@@ -186,18 +152,18 @@ class LoRALinear(Module):
     # ---- merging --------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str):
         """ΔW = scaling · B @ A, shape (D_out, D_in), in the base weight's dtype."""
-        A, B = self.lora_A[adapter_name].data, self.lora_B[adapter_name].data   # (r, D_in), (D_out, r)
+        A, B = self.lora_A[adapter_name].weight.data, self.lora_B[adapter_name].weight.data   # (r, D_in), (D_out, r)
         delta = B @ A                                                           # (D_out, D_in)
         delta *= self.scaling[adapter_name]
         return delta
 
     def _base_weight(self):
         b = self.base_layer
-        return b.dequantize_weight() if _is_4bit(b) else b.weight.data         # (D_out, D_in)
+        return b.dequantize_weight() if isinstance(b, Linear4bit) else b.weight.data   # (D_out, D_in)
 
     def _set_base_weight(self, W):
         b = self.base_layer
-        if _is_4bit(b):
+        if isinstance(b, Linear4bit):
             b.set_weight(W)                                                     # re-quantize into fresh NF4/FP4
         else:
             b.weight.data[...] = W
@@ -218,12 +184,12 @@ class LoRALinear(Module):
                 continue
             if name not in self.lora_A:
                 raise ValueError(f"cannot merge unknown adapter {name!r}; this layer has {list(self.lora_A)}")
-            if _is_4bit(self.base_layer):
+            if isinstance(self.base_layer, Linear4bit):
                 warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding "
                               "errors.")
             W = self._base_weight()
             delta = self.get_delta_weight(name)                                 # (D_out, D_in)
-            if safe_merge or _is_4bit(self.base_layer):
+            if safe_merge or isinstance(self.base_layer, Linear4bit):
                 merged = W + delta                                              # (D_out, D_in) a copy
                 if safe_merge:
                     xp = get_array_module(merged)
@@ -243,7 +209,7 @@ class LoRALinear(Module):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if _is_4bit(self.base_layer):
+            if isinstance(self.base_layer, Linear4bit):
                 self._set_base_weight(self._base_weight() - self.get_delta_weight(name))
             else:
                 self.base_layer.weight.data -= self.get_delta_weight(name)
@@ -265,7 +231,8 @@ class LoRALinear(Module):
                 continue
             p = self.lora_dropout[name] if self.training else 0.0
             xd, mask = F.dropout_forward(x2, p, self._rng)                     # (N, D_in)
-            out, cache = F.lora_forward(xd, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name])
+            A, B = self.lora_A[name].weight.data, self.lora_B[name].weight.data   # (r, D_in), (D_out, r)
+            out, cache = F.lora_forward(xd, A, B, self.scaling[name])
             y2 += out                                                          # (N, D_out)
             caches.append((name, mask, cache))
         self._cache = caches
@@ -284,7 +251,7 @@ class LoRALinear(Module):
         dy2 = dout.reshape(-1, self.out_features)                              # (N, D_out)
         dx2 = None if dx is None else dx.reshape(-1, self.in_features)         # (N, D_in) view of dx
         for name, mask, cache in caches:
-            A, B = self.lora_A[name], self.lora_B[name]
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight           # (r, D_in), (D_out, r)
             ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name], need_dx=dx2 is not None,
                                           need_dA=A.requires_grad, need_dB=B.requires_grad)
             if dx2 is not None:
@@ -306,8 +273,7 @@ class QLoRALinear(LoRALinear):
     def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None,
                  quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64):
-        if not _is_4bit(base_layer):
-            from minilora.nn.linear4bit import Linear4bit   # noqa: PLC0415 - needs minilora.quant
+        if not isinstance(base_layer, Linear4bit):
             base_layer = Linear4bit.from_linear(base_layer, quant_type=quant_type,
                                                 compress_statistics=compress_statistics, blocksize=blocksize)
         super().__init__(base_layer, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, rng)

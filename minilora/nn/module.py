@@ -251,15 +251,45 @@ class ModuleList(Module):
 
 
 class ModuleDict(Module):
-    """Named children given as keyword arguments, reachable as attributes or by key (torch.nn.ModuleDict)."""
+    """Named children given as keyword arguments, reachable as attributes or by key (torch.nn.ModuleDict):
+    `d[name]`, `d[name] = m`, `del d[name]`, `name in d`, `len(d)`, iteration over the names, keys/values/items."""
 
     def __init__(self, **modules):
         super().__init__()
         for name, m in modules.items():
-            setattr(self, name, m)
+            self[name] = m
 
     def __getitem__(self, name):
         return self.get_submodule(name)
 
+    def __setitem__(self, name, module):
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleDict holds Modules, got {type(module).__name__}")
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"module name must be a non-empty string without '.', got {name!r}")
+        if hasattr(self, name) and name not in self:            # e.g. "training", "keys" (torch's add_module)
+            raise KeyError(f"attribute '{name}' already exists")
+        setattr(self, name, module)
+
+    def __delitem__(self, name):
+        if name not in self:
+            raise KeyError(name)
+        delattr(self, name)
+
+    def __contains__(self, name):
+        return isinstance(vars(self).get(name), Module)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.keys())
+
     def keys(self):
         return [n for n, _ in self._named_children()]
+
+    def values(self):
+        return [m for _, m in self._named_children()]
+
+    def items(self):
+        return list(self._named_children())

@@ -24,25 +24,12 @@ import dataclasses
 import warnings
 
 from minilora.backend import default_rng
+from minilora.nn.layers import Linear
+from minilora.nn.linear4bit import Linear4bit
+from minilora.nn.lora import LoRALinear, QLoRALinear
 from minilora.nn.module import Module, ModuleDict
 from minilora.peft import save_and_load as sl
 from minilora.peft.config import LoraConfig, find_targets, resolve_target_modules, warn_fan_in_fan_out
-
-
-def _nn():
-    """The layer classes, imported late so `minilora.peft.config` works without the nn package."""
-    from minilora import nn  # noqa: PLC0415
-    return nn
-
-
-def is_linear4bit(m) -> bool:
-    """A 4-bit base layer (minilora.nn.Linear4bit, or anything that dequantizes its weight like one)."""
-    return type(m).__name__ == "Linear4bit" or hasattr(m, "dequantize_weight")
-
-
-def is_adaptable(m) -> bool:
-    """Layers LoRA can wrap: Linear and Linear4bit (PEFT: torch.nn.Linear, Conv1D, bnb.nn.Linear4bit, ...)."""
-    return isinstance(m, _nn().Linear) or is_linear4bit(m)
 
 
 class ModulesToSaveWrapper(Module):
@@ -66,12 +53,12 @@ class ModulesToSaveWrapper(Module):
         copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():
             p.requires_grad, p.grad = True, None
-        setattr(self.modules_to_save, adapter_name, copy_)
+        self.modules_to_save[adapter_name] = copy_
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
     def _active(self):
-        if self.disable_adapters or self.active_adapter not in self.modules_to_save.keys():
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
@@ -97,7 +84,7 @@ class LoraModel(Module):
     # ---- injection --------------------------------------------------------------------------------------------
     def lora_layers(self):
         """(dotted name in .model, LoRA wrapper) for every adapted layer."""
-        return [(n, m) for n, m in self.model.named_modules() if sl.is_lora_layer(m)]
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoRALinear)]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, rng=None) -> None:
         if not isinstance(config, LoraConfig):
@@ -105,11 +92,11 @@ class LoraModel(Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         # modules inside a wrapper (a LoRA layer's base_layer, a saved module's copies) are never targets themselves
-        wrappers = [n for n, m in self.model.named_modules() if sl.is_lora_layer(m)
-                    or isinstance(m, ModulesToSaveWrapper)]
+        wrappers = [n for n, m in self.model.named_modules() if isinstance(m, (LoRALinear, ModulesToSaveWrapper))]
         names = [n for n, _ in self.model.named_modules() if n and not any(n.startswith(w + ".") for w in wrappers)]
         mods = {n: self.model.get_submodule(n) for n in names}
-        linear = [n for n in names if is_adaptable(mods[n]) or sl.is_lora_layer(mods[n])]
+        # layers LoRA can wrap (PEFT: torch.nn.Linear, Conv1D, bnb.nn.Linear4bit, ...) and ones it already wraps
+        linear = [n for n in names if isinstance(mods[n], (Linear, Linear4bit, LoRALinear))]
         config = dataclasses.replace(config, target_modules=resolve_target_modules(config, self.model, names, linear))
         warn_fan_in_fan_out(config)
         targets = find_targets(config, names)
@@ -119,30 +106,29 @@ class LoraModel(Module):
                              "Currently, only Linear and Linear4bit layers can get a LoRA adapter "
                              f"({len(bad)} unsupported match(es): {bad[:5]})")
         for name in targets:                           # check every layer before changing any
-            base = mods[name].base_layer if sl.is_lora_layer(mods[name]) else mods[name]
+            base = mods[name].base_layer if isinstance(mods[name], LoRALinear) else mods[name]
             r, lim = config.r_for(name), min(base.in_features, base.out_features)
             if r > lim:
                 raise ValueError(f"r={r} is larger than min(in_features, out_features) = "
                                  f"min({base.in_features}, {base.out_features}) for {name!r}: B A would have rank "
                                  f"at most {lim}, so the extra rank is wasted")
         saved = [n for n in names if any(n == t or n.endswith("." + t) for t in config.modules_to_save or [])]
-        four = [n for n in saved if is_linear4bit(mods[n])]
+        four = [n for n in saved if isinstance(mods[n], Linear4bit)]
         if four:
             raise ValueError(f"modules_to_save cannot train a 4-bit layer ({four[0]!r}: its codes are frozen); keep "
                              "that module in float (quantize_model's skip_modules) or target it with LoRA instead")
-        nn = _nn()
         explicit_rng = rng is not None
         rng = default_rng(0) if rng is None else rng       # one seeded stream for all new layers: reproducible
         for name in targets:
             m = mods[name]
             kwargs = dict(r=config.r_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
                           init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
-            if sl.is_lora_layer(m):
+            if isinstance(m, LoRALinear):
                 if explicit_rng:
                     m._rng = rng                           # the layer draws A (and dropout masks) from its _rng
                 m.update_layer(adapter_name, **kwargs)
             else:
-                cls = nn.QLoRALinear if is_linear4bit(m) else nn.LoRALinear
+                cls = QLoRALinear if isinstance(m, Linear4bit) else LoRALinear
                 self.model.set_submodule(name, cls(m, adapter_name=adapter_name, rng=rng, **kwargs))
         for path in saved:
             m = mods[path]
@@ -162,9 +148,9 @@ class LoraModel(Module):
             return
         for _, m in self.lora_layers():
             if name in m.lora_A:
-                m.lora_A[name].requires_grad = m.lora_B[name].requires_grad = True
+                m.lora_A[name].weight.requires_grad = m.lora_B[name].weight.requires_grad = True
         for _, m in self.model.named_modules():
-            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save.keys():
+            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
                 for p in m.modules_to_save[name].parameters():
                     p.requires_grad = True
         if config.bias == "all":
@@ -210,14 +196,14 @@ class LoraModel(Module):
                     m.unmerge()
                 m.delete_adapter(adapter_name)
         for _, m in self.model.named_modules():
-            if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save.keys():
-                delattr(m.modules_to_save, adapter_name)
+            if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+                del m.modules_to_save[adapter_name]
         del self.peft_config[adapter_name]
         self._mark_trainable()
 
     def _enable_adapter_layers(self, enabled: bool) -> None:
         for _, m in self.model.named_modules():
-            if sl.is_lora_layer(m):
+            if isinstance(m, LoRALinear):
                 if not enabled and m.merged_adapters:
                     m.unmerge()                    # a merged layer must unmerge to run the base alone (PEFT)
                 m.disable_adapters = not enabled
@@ -227,7 +213,7 @@ class LoraModel(Module):
     # ---- unloading ------------------------------------------------------------------------------------------
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None):
         for name, m in list(self.model.named_modules()):
-            if sl.is_lora_layer(m):
+            if isinstance(m, LoRALinear):
                 if merge:
                     names = [self.active_adapter] if adapter_names is None else list(adapter_names)
                     todo = [n for n in names if n in m.lora_A and n not in m.merged_adapters]
@@ -307,7 +293,7 @@ class PeftModel(Module):
         for m in self.modules():
             for _, p in m._named_local_parameters():
                 n = p.numel()
-                if is_linear4bit(m) and p is m.weight:
+                if isinstance(m, Linear4bit) and p is m.weight:
                     n = m.in_features * m.out_features         # packed: 2 codes per byte
                 total += n
                 trainable += n if p.requires_grad else 0

@@ -30,15 +30,11 @@ from pathlib import Path
 
 from minilora.backend import get_array_module
 from minilora.io import CorruptFileError, load_json, load_safetensors, save_safetensors
+from minilora.nn.lora import LoRALinear
 from minilora.peft.config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 
 PREFIX = "base_model.model."
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
-
-
-def is_lora_layer(m) -> bool:
-    """A LoRA wrapper in minilora's sense: a `base_layer` plus per-adapter dicts `lora_A` / `lora_B`."""
-    return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "lora_B")
 
 
 def adapter_dir(save_directory, adapter_name: str) -> Path:
@@ -51,14 +47,14 @@ def adapter_parameters(base_model, adapter_name: str, config: LoraConfig) -> dic
     """{file key: Parameter} for one adapter: what save writes and what load fills (the same map both ways)."""
     out = {}
     for path, m in base_model.named_modules():
-        if is_lora_layer(m) and adapter_name in m.lora_A:
-            out[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[adapter_name]       # (r, in)
-            out[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[adapter_name]       # (out, r)
+        if isinstance(m, LoRALinear) and adapter_name in m.lora_A:
+            out[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[adapter_name].weight    # (r, in)
+            out[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[adapter_name].weight    # (out, r)
     if config.bias != "none":
         for path, m in base_model.named_modules():
-            if is_lora_layer(m) and getattr(m.base_layer, "bias", None) is not None:
+            if isinstance(m, LoRALinear) and m.base_layer.bias is not None:
                 out[f"{PREFIX}{path}.base_layer.bias"] = m.base_layer.bias
-            elif (config.bias == "all" and not is_lora_layer(m) and not _inside_lora(base_model, path)
+            elif (config.bias == "all" and not isinstance(m, LoRALinear) and not _inside_lora(base_model, path)
                   and getattr(m, "bias", None) is not None and hasattr(m.bias, "data")):
                 out[f"{PREFIX}{path}.bias" if path else f"{PREFIX}bias"] = m.bias
     for path, m in base_model.named_modules():
@@ -72,7 +68,7 @@ def adapter_parameters(base_model, adapter_name: str, config: LoraConfig) -> dic
 def _inside_lora(base_model, path: str) -> bool:
     """True for the base_layer of a LoRA wrapper (its bias is saved under the wrapper's name)."""
     parent = path.rpartition(".")[0]
-    return path.endswith("base_layer") and is_lora_layer(base_model.get_submodule(parent))
+    return path.endswith("base_layer") and isinstance(base_model.get_submodule(parent), LoRALinear)
 
 
 def get_peft_model_state_dict(base_model, adapter_name: str, config: LoraConfig) -> dict:

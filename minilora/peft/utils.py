@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import re
 
+from minilora.nn.layers import Linear
+from minilora.nn.linear4bit import Linear4bit
+from minilora.nn.lora import LoRALinear
 from minilora.nn.module import Module
-from minilora.peft.model import PeftModel, is_linear4bit
+from minilora.peft.model import PeftModel
 
 
 def _matches(name: str, spec) -> bool:
@@ -39,14 +42,14 @@ def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = T
     target_modules: "all-linear" (every Linear not in skip_modules), a list of names (exact or dotted suffix) or a
     regex str (full match). skip_modules follows the list rule; the output layer stays in float by default, as
     transformers keeps `lm_head` unquantized. Raises ValueError when nothing matches."""
-    from minilora.nn import Linear  # noqa: PLC0415
-    from minilora.nn.linear4bit import Linear4bit  # noqa: PLC0415
     if isinstance(model, PeftModel):
         raise ValueError("quantize the base model before get_peft_model (QLoRA wraps Linear4bit layers)")
     skip = list(skip_modules or ())
+    adapters = {id(lin) for m in model.modules() if isinstance(m, LoRALinear)   # LoRA's A and B are Linears too,
+                for d in (m.lora_A, m.lora_B) for lin in d.values()}            # trained in float: never quantized
     chosen = []
     for name, m in model.named_modules():
-        if not name or type(m) is not Linear or _matches(name, skip):
+        if not name or type(m) is not Linear or id(m) in adapters or _matches(name, skip):
             continue
         if target_modules == "all-linear" or _matches(name, target_modules):
             chosen.append(name)
@@ -65,7 +68,7 @@ def prepare_model_for_kbit_training(model):
     for m in model.modules():
         for name, p in m._named_local_parameters():
             p.requires_grad = False
-            if is_linear4bit(m) and p is m.weight:
+            if isinstance(m, Linear4bit) and p is m.weight:
                 continue
             if p.data.dtype.kind == "f" and p.data.dtype.itemsize < 4:
                 p.data = p.data.astype("float32")       # half-precision norms are unstable in training
@@ -104,7 +107,7 @@ def memory_report(model, optimizer=None) -> dict:
     n_params = n_trainable = n_4bit = 0
     seen = set()
     for m in model.modules():
-        four = is_linear4bit(m)
+        four = isinstance(m, Linear4bit)
         for _, p in m._named_local_parameters():
             if id(p) in seen:
                 continue

@@ -6,7 +6,7 @@
     create_normal_map, get_4bit_type ... the code tables
     QuantState                           absmax, shape, dtype, blocksize, code, quant_type, offset, state2, nested
 
-Names and signatures follow `bitsandbytes.functional`; `python -m minilora.quant` prints the error report.
+Names and signatures follow `bitsandbytes.functional`; `minilora quantize-report` prints the error report.
 """
 from minilora.quant.blockwise import dequantize_blockwise, quantize_blockwise, quantize_blockwise_lut
 from minilora.quant.checks import ALLOWED_BLOCKSIZES

@@ -7,11 +7,9 @@ Default input: numpy.random.default_rng(0).standard_normal((1024, 1024)).astype(
 golden numbers (NF4/64: 0.072813 / 0.203431, bnb 0.50.2 gives the same bytes). `scheme_errors()` returns the rows
 as dicts for notebooks; `roundtrip_errors()` gives per-element errors for histograms.
 
-Run: `python -m minilora.quant` or `minilora quantize-report [--seed S] [--rows R] [--cols C]`.
+Run: `minilora quantize-report [--seed S] [--rows R] [--cols C]` (minilora/apps/quantize_report.py).
 """
 from __future__ import annotations
-
-import argparse
 
 from minilora.backend import default_rng, get_array_module
 from minilora.quant.blockwise import dequantize_blockwise, quantize_blockwise
@@ -74,23 +72,3 @@ def scheme_errors(x=None, schemes=SCHEMES, seed: int = 0):
                      "mean_rel_err": float((err / (xp.abs(x) + 1e-8)).mean()),
                      "max_abs_err": float(err.max()), "bits_per_param": float(bits)})
     return rows
-
-
-def format_table(rows) -> str:
-    lines = [f"{'scheme':<20} {'mean abs err':>12} {'mean rel err':>12} {'max abs err':>11} {'bits/param':>10}"]
-    lines += [f"{r['scheme']:<20} {r['mean_abs_err']:>12.6f} {r['mean_rel_err']:>12.6f} {r['max_abs_err']:>11.5f} "
-              f"{r['bits_per_param']:>10.4f}" for r in rows]
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="minilora quantize-report",
-                                 description="round-trip error and bits/param of every quantization scheme")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--cols", type=int, default=1024)
-    args = ap.parse_args(argv)
-    x = pinned_input(args.seed, (args.rows, args.cols))
-    print(f"input: default_rng({args.seed}).standard_normal(({args.rows}, {args.cols})) as float32")
-    print(format_table(scheme_errors(x)))
-    return 0

@@ -213,7 +213,7 @@ def lora_grads(A, B):
 
 base = Linear(D_in, D_out, dtype="float64", rng=default_rng(0))    # a frozen base layer
 layer = LoRALinear(base, r=r, lora_alpha=alpha)                      # PEFT's init: A kaiming-uniform, B = 0
-A0, B0 = layer.lora_A["default"].data, layer.lora_B["default"].data
+A0, B0 = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data
 print(f"B = 0:        max |LoRALinear(x) - base(x)| = {np.abs(layer(x) - base(x)).max():.1f} | "
       f"max|dA| = {lora_grads(A0, B0)[0]:.3f}, max|dB| = {lora_grads(A0, B0)[1]:.3f}")
 print(f"A = B = 0:    max|dA| = {lora_grads(0 * A0, B0)[0]:.3f}, max|dB| = {lora_grads(0 * A0, B0)[1]:.3f}  (stuck)")

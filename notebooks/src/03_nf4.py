@@ -226,8 +226,8 @@ plt.show()
 # %%
 def load_real_weights():
     """Linear weight matrices of minilora's shipped, pretrained base model, keyed by module path."""
-    from minilora import pretrain  # noqa: PLC0415 - shipped with the package by the demo piece
-    model, meta = pretrain.load_base()
+    from minilora import pretrained  # noqa: PLC0415 - shipped with the package by the demo piece
+    model, meta = pretrained.load_base()
     return {n: p.data for n, p in model.named_parameters() if p.data.ndim == 2 and ".h." in n}
 
 

@@ -138,9 +138,11 @@ print(f"B = 0: |dA|max = {np.abs(dA0).max():.1f}, |dB|max = {np.abs(dB0).max():.
 # ## 5. The same math as a layer: `LoRALinear`
 #
 # `minilora.nn.LoRALinear` wraps a `Linear` (the frozen $W_0$, $b$) and holds one or more named adapters with PEFT's
-# names and layout: `lora_A["default"]` $(r, D_{in})$, `lora_B["default"]` $(D_{out}, r)$, `scaling["default"]`
-# $= \alpha/r$. Its `forward`/`backward` call exactly the functions above. Freshly wrapped, $B = 0$, so the layer
-# must reproduce the base layer bit for bit; after a backward, $W_0$ has no gradient at all.
+# names and layout: `lora_A` and `lora_B` are `ModuleDict`s of bias-free `Linear`s, so `lora_A["default"].weight` is
+# $A$ $(r, D_{in})$, `lora_B["default"].weight` is $B$ $(D_{out}, r)$, and `scaling["default"]` $= \alpha/r$; the same
+# expressions work on a PEFT model. Its `forward`/`backward` call exactly the functions above on those weights.
+# Freshly wrapped, $B = 0$, so the layer must reproduce the base layer bit for bit; after a backward, $W_0$ has no
+# gradient at all.
 
 # %%
 from minilora.backend import default_rng
@@ -168,7 +170,7 @@ for name, p in layer.named_parameters():
 # $W_0$ up to floating-point rounding. We first give $B$ some values, as training would.
 
 # %%
-layer.lora_B["default"].data[...] = rng.standard_normal((32, 4)) * 0.1     # pretend it was trained
+layer.lora_B["default"].weight.data[...] = rng.standard_normal((32, 4)) * 0.1     # pretend it was trained
 W0_before = base.weight.data.copy()                                         # (D_out, D_in)
 y_unmerged = layer(x64)                                                     # (N, D_out) two-path forward
 layer.merge()
@@ -187,7 +189,7 @@ print(f"merged={layer.merged}: max |W after unmerge - W0| = {np.abs(base.weight.
 
 # %%
 layer.update_layer("task_b", r=4, lora_alpha=8)
-layer.lora_B["task_b"].data[...] = rng.standard_normal((32, 4)) * 0.1
+layer.lora_B["task_b"].weight.data[...] = rng.standard_normal((32, 4)) * 0.1
 y_a = layer(x64)                                                             # active: "default"
 layer.set_adapter("task_b")
 y_b = layer(x64)
@@ -195,9 +197,10 @@ layer.set_adapter("default")
 y_a_again = layer(x64)
 print(f"active adapters: {layer.active_adapters}; |y_a - y_b|max = {np.abs(y_a - y_b).max():.3f}; "
       f"back to 'default' identical: {np.array_equal(y_a, y_a_again)}")
-print(f"trainable flags: default A {layer.lora_A['default'].requires_grad}, task_b A {layer.lora_A['task_b'].requires_grad}")
+A_default, A_task_b = layer.lora_A["default"].weight, layer.lora_A["task_b"].weight      # (r, D_in) each
+print(f"trainable flags: default A {A_default.requires_grad}, task_b A {A_task_b.requires_grad}")
 base_bytes = base.weight.data.nbytes + base.bias.data.nbytes
-adapter_bytes = {n: layer.lora_A[n].data.nbytes + layer.lora_B[n].data.nbytes for n in layer.lora_A.keys()}
+adapter_bytes = {n: layer.lora_A[n].weight.data.nbytes + layer.lora_B[n].weight.data.nbytes for n in layer.lora_A}
 print(f"bytes: base {base_bytes:,} (once) + adapters {adapter_bytes}")
 
 # %% [markdown]

@@ -22,13 +22,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
-from minilora import demo
 from minilora.backend import default_rng
 from minilora.data import LN2, decode, encode, load_corpus
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
 from minilora.peft import (LoraConfig, PeftModel, get_peft_model, memory_report, prepare_model_for_kbit_training,
                            quantize_model)
-from minilora.pretrain import eval_batches, load_base
+from minilora.pretrained import eval_batches, load_base
 from minilora.train import evaluate, train
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
@@ -121,9 +120,20 @@ print(f"max |logits(QLoRA at init) - logits(NF4 base)| = {np.abs(qlora(idx)[0] -
 # the frozen base, the validation loss on code (the new domain) and on the docs (forgetting), and time per step.
 
 # %%
+LR, LR_FULL = 1e-3, 2e-4                                   # the learning rates `minilora demo` uses
+
+
+def count_params(model):
+    """(trainable, total); PEFT's method on a PeftModel (a 4-bit weight counts its out·in logical parameters)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
 def run(name, model, lr):
     before = val_bits(model)
-    trainable, total = demo.count_params(model)
+    trainable, total = count_params(model)
     opt = AdamW(model.named_parameters(), lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
     res = train(model, opt, lambda rng: code.get_batch("train", BATCH, BLOCK, rng), max_steps=STEPS,
@@ -137,10 +147,10 @@ def run(name, model, lr):
             "curve": np.array(res.train_loss) / LN2, "model": model}
 
 
-runs = [run("QLoRA NF4+DQ, r=8", qlora, demo.LR)]
+runs = [run("QLoRA NF4+DQ, r=8", qlora, LR)]
 lora = get_peft_model(load_base()[0], config, rng=default_rng(SEED))
-runs.append(run("LoRA r=8", lora, demo.LR))
-runs.append(run("full fine-tuning", load_base()[0], demo.LR_FULL))
+runs.append(run("LoRA r=8", lora, LR))
+runs.append(run("full fine-tuning", load_base()[0], LR_FULL))
 print(f"{'method':<20} {'trainable':>10} {'%':>7} {'frozen base':>12} {'AdamW state':>12} "
       f"{'code before->after':>19} {'docs before->after':>19} {'ms/step':>8}")
 for r in runs:

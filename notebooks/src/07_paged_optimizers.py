@@ -23,7 +23,7 @@ from IPython.display import Image, display
 
 import minilora
 from minilora.nn.parameter import Parameter
-from minilora.optim import paged_sim
+from minilora.apps import paged_sim
 from minilora.optim.adamw import AdamW
 from minilora.optim.paged import PagedAdamW
 from minilora.optim.paged_pool import GB, OutOfMemoryError, PagedPool, transfer_seconds

@@ -154,8 +154,8 @@ def experiment_lora(name):
 
         y, dx = step()
         t = timed(step, xp)
-        return {"y": to_numpy(y), "dx": to_numpy(dx), "dA": to_numpy(layer.lora_A["default"].grad),
-                "dB": to_numpy(layer.lora_B["default"].grad), "t": t}
+        return {"y": to_numpy(y), "dx": to_numpy(dx), "dA": to_numpy(layer.lora_A["default"].weight.grad),
+                "dB": to_numpy(layer.lora_B["default"].weight.grad), "t": t}
 
 
 lora = {name: experiment_lora(name) for name in BACKENDS}

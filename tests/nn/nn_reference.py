@@ -38,7 +38,7 @@ def check_lora_grads(layer, x, dout, seed=0, tol=1e-7):
     fwd()
     dx = layer.backward(dout)
     L = lambda: float(np.sum(fwd() * dout))                     # noqa: E731
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     for name, arr, hand in [("x", x, dx), ("A", A.data, A.grad), ("B", B.data, B.grad)]:
         assert rel_err(hand, fd_grad(L, arr)) < tol, name
 

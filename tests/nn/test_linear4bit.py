@@ -105,12 +105,12 @@ def test_qlora_matches_torch_with_dequantized_w0(dtype, tol):
     dout = RNG.standard_normal(y.shape).astype(dtype)
     dx = layer.backward(dout)
     T = lambda a: torch.tensor(np.array(a), requires_grad=True)   # noqa: E731
-    tx, tA, tB = T(x), T(layer.lora_A["default"].data), T(layer.lora_B["default"].data)
+    tx, tA, tB = T(x), T(layer.lora_A["default"].weight.data), T(layer.lora_B["default"].weight.data)
     W0 = torch.from_numpy(layer.base_layer.dequantize_weight())
     ty = tx @ W0.T + torch.from_numpy(layer.base_layer.bias.data) + 4.0 * ((tx @ tA.T) @ tB.T)
     (ty * torch.from_numpy(dout)).sum().backward()
     assert rel_err(y, ty.detach().numpy()) < tol
-    for ours, ref in [(dx, tx), (layer.lora_A["default"].grad, tA), (layer.lora_B["default"].grad, tB)]:
+    for ours, ref in [(dx, tx), (layer.lora_A["default"].weight.grad, tA), (layer.lora_B["default"].weight.grad, tB)]:
         assert rel_err(ours, ref.grad.numpy()) < tol
 
 
@@ -209,7 +209,7 @@ def test_qlora_factory_and_errors():
     fp4 = QLoRALinear(lin(64, 64), r=2, quant_type="fp4", compress_statistics=False, blocksize=128)
     assert fp4.base_layer.quant_type == "fp4" and fp4.base_layer.memory_report()["bits_per_param"] == 4.25
     wrapped = LoRALinear(Linear4bit.from_linear(lin(64, 64)), r=2)        # LoRALinear around Linear4bit = QLoRA
-    assert wrapped.lora_A["default"].dtype == np.float32
+    assert wrapped.lora_A["default"].weight.dtype == np.float32
     with pytest.raises(TypeError, match="expects a Linear"):
         Linear4bit.from_linear("x")
     with pytest.raises(ValueError, match="set_weight expects shape"):

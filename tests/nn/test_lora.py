@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from nn_reference import check_lora_grads, check_step_against_peft, rel_err, torch_gpt
 
 from minilora.backend import default_rng
-from minilora.nn import GPT, GPTConfig, Linear, LoRALinear
+from minilora.nn import GPT, GPTConfig, Linear, LoRALinear, Module, ModuleDict
 
 RNG = np.random.default_rng(99)
 
@@ -38,15 +38,15 @@ def test_lora_matches_torch_autograd(dtype, tol, use_rslora):
     dx = layer.backward(dout)
     T = lambda a, g=True: torch.tensor(np.array(a), requires_grad=g)   # noqa: E731
     tx, tW, tb = T(x), T(layer.base_layer.weight.data, False), T(layer.base_layer.bias.data, False)
-    tA, tB = T(layer.lora_A["default"].data), T(layer.lora_B["default"].data)
+    tA, tB = T(layer.lora_A["default"].weight.data), T(layer.lora_B["default"].weight.data)
     s = 3 / np.sqrt(2) if use_rslora else 3 / 2
     assert layer.scaling["default"] == pytest.approx(s)
     ty = tx @ tW.T + tb + s * ((tx @ tA.T) @ tB.T)
     (ty * torch.from_numpy(dout)).sum().backward()
     assert rel_err(y, ty.detach().numpy()) < tol
     assert rel_err(dx, tx.grad.numpy()) < tol
-    assert rel_err(layer.lora_A["default"].grad, tA.grad.numpy()) < tol
-    assert rel_err(layer.lora_B["default"].grad, tB.grad.numpy()) < tol
+    assert rel_err(layer.lora_A["default"].weight.grad, tA.grad.numpy()) < tol
+    assert rel_err(layer.lora_B["default"].weight.grad, tB.grad.numpy()) < tol
 
 
 # ------------------------------------------------------------------------------------------- PEFT parity
@@ -63,8 +63,8 @@ def test_output_equals_peft_lora_linear(use_rslora):
     cfg = peft_lora.LoraConfig(r=4, lora_alpha=6, use_rslora=use_rslora)
     ref = peft_lora.Linear(base, "default", cfg, r=4, lora_alpha=6).double()
     with torch.no_grad():
-        ref.lora_A["default"].weight.copy_(torch.from_numpy(layer.lora_A["default"].data))
-        ref.lora_B["default"].weight.copy_(torch.from_numpy(layer.lora_B["default"].data))
+        ref.lora_A["default"].weight.copy_(torch.from_numpy(layer.lora_A["default"].weight.data))
+        ref.lora_B["default"].weight.copy_(torch.from_numpy(layer.lora_B["default"].weight.data))
     assert ref.scaling["default"] == pytest.approx(layer.scaling["default"])
     assert [n for n, _ in layer.named_parameters()] == [n for n, _ in ref.named_parameters()]
     x = RNG.standard_normal((3, 4, 12))
@@ -75,6 +75,46 @@ def test_output_equals_peft_lora_linear(use_rslora):
     layer.merge()
     ref.merge()
     np.testing.assert_allclose(layer.base_layer.weight.data, ref.base_layer.weight.detach().numpy(), rtol=1e-12)
+
+
+def test_adapter_weights_sit_at_peft_attribute_paths():
+    """lora_A / lora_B are ModuleDicts of bias-free Linears, as in PEFT: `lora_A[name].weight` is A (r, D_in) and
+    `lora_B[name].weight` is B (D_out, r), and the same expressions give the same shapes on a torch + PEFT model."""
+    layer = make(d_in=12, d_out=9, r=4)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    assert isinstance(layer.lora_A, ModuleDict) and "default" in layer.lora_A and list(layer.lora_B) == ["default"]
+    assert isinstance(A, Linear) and isinstance(B, Linear) and A.bias is None and B.bias is None
+    assert (A.in_features, A.out_features, B.in_features, B.out_features) == (12, 4, 4, 9)
+    assert A.weight.shape == (4, 12) and B.weight.shape == (9, 4)
+    layer(RNG.standard_normal((3, 12)))
+    layer.backward(RNG.standard_normal((3, 9)))
+    assert A.weight.grad.shape == (4, 12) and B.weight.grad.shape == (9, 4)   # the gradients land on .weight
+
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from minilora.peft import LoraConfig, get_peft_model
+
+    class Tiny(Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = Linear(12, 9, rng=np.random.default_rng(0))
+
+    class TorchTiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 9)
+
+    ours = get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["proj"]))
+    theirs = peft.get_peft_model(TorchTiny(), peft.LoraConfig(r=4, target_modules=["proj"]))
+    for model in (ours, theirs):                       # one expression, both libraries
+        proj = model.base_model.model.proj
+        assert tuple(proj.lora_A["default"].weight.shape) == (4, 12)
+        assert tuple(proj.lora_B["default"].weight.shape) == (9, 4)
+        assert proj.lora_A["default"].bias is None and proj.lora_B["default"].bias is None
+        assert proj.lora_A["default"].weight.requires_grad and not proj.base_layer.weight.requires_grad
+    assert isinstance(theirs.base_model.model.proj.lora_A["default"], torch.nn.Linear)
+    assert [(n, tuple(p.shape)) for n, p in ours.named_parameters()] == \
+        [(n, tuple(p.shape)) for n, p in theirs.named_parameters()]
 
 
 # ------------------------------------------------------------------------------------------- invariants
@@ -90,7 +130,7 @@ def test_b_zero_leaves_output_unchanged_and_rank_is_bounded(d_in, d_out, data):
     layer = make(d_in, d_out, dtype="float32", seed=seed, r=r, init_lora_weights=True)   # B = 0
     x = np.random.default_rng(seed).standard_normal((3, d_in)).astype(np.float32)
     np.testing.assert_array_equal(layer(x), layer.base_layer(x))
-    layer.lora_B["default"].data[:] = np.random.default_rng(seed).standard_normal((d_out, r))
+    layer.lora_B["default"].weight.data[:] = np.random.default_rng(seed).standard_normal((d_out, r))
     delta = layer.get_delta_weight("default").astype(np.float64)
     sv = np.linalg.svd(delta, compute_uv=False)
     assert np.sum(sv > 1e-5 * sv.max()) <= r                    # rank up to float32 round-off
@@ -136,27 +176,27 @@ def test_init_distributions():
     stats = pytest.importorskip("scipy.stats")
     d_in, r = 512, 16
     layer = LoRALinear(Linear(d_in, 256, rng=np.random.default_rng(0)), r=r, rng=default_rng(0))
-    A = layer.lora_A["default"].data.astype(np.float64).ravel()
+    A = layer.lora_A["default"].weight.data.astype(np.float64).ravel()
     bound = 1 / np.sqrt(d_in)
     assert np.all(np.abs(A) <= bound) and np.abs(A).max() > 0.99 * bound
     assert stats.kstest(A, "uniform", args=(-bound, 2 * bound)).pvalue > 0.01
     assert stats.kstest(A, "norm", args=(0, A.std())).pvalue < 0.05
-    assert np.all(layer.lora_B["default"].data == 0)
+    assert np.all(layer.lora_B["default"].weight.data == 0)
     layer.update_layer("g", r, 16, init_lora_weights="gaussian")
-    G = layer.lora_A["g"].data.astype(np.float64).ravel()
+    G = layer.lora_A["g"].weight.data.astype(np.float64).ravel()
     assert stats.kstest(G, "norm", args=(0, 1 / r)).pvalue > 0.01
     assert abs(G.std() - 1 / r) < 0.05 / r
-    assert np.all(layer.lora_B["g"].data == 0)
+    assert np.all(layer.lora_B["g"].weight.data == 0)
     layer.update_layer("f", r, 16, init_lora_weights=False)
-    assert np.abs(layer.lora_B["f"].data).max() > 0                 # not a no-op (PEFT's debugging init)
-    assert np.abs(layer.lora_B["f"].data).max() <= 1 / np.sqrt(r)
+    assert np.abs(layer.lora_B["f"].weight.data).max() > 0                 # not a no-op (PEFT's debugging init)
+    assert np.abs(layer.lora_B["f"].weight.data).max() <= 1 / np.sqrt(r)
 
 
 def test_init_is_seeded_and_dtype_follows_base():
     a = LoRALinear(Linear(8, 8, rng=np.random.default_rng(0)), r=2, rng=default_rng(5))
     b = LoRALinear(Linear(8, 8, rng=np.random.default_rng(0)), r=2, rng=default_rng(5))
-    np.testing.assert_array_equal(a.lora_A["default"].data, b.lora_A["default"].data)
-    assert a.lora_A["default"].dtype == np.float32 and a.lora_B["default"].dtype == np.float32
+    np.testing.assert_array_equal(a.lora_A["default"].weight.data, b.lora_A["default"].weight.data)
+    assert a.lora_A["default"].weight.dtype == np.float32 and a.lora_B["default"].weight.dtype == np.float32
 
 
 # ------------------------------------------------------------------------------------------- adapters
@@ -165,12 +205,12 @@ def test_several_adapters_switch_sum_delete():
     layer = make(r=2, lora_alpha=2)
     layer.update_layer("other", 3, 6, init_lora_weights=False)
     assert layer.active_adapter == "default"
-    assert not layer.lora_A["other"].requires_grad and layer.lora_A["default"].requires_grad
+    assert not layer.lora_A["other"].weight.requires_grad and layer.lora_A["default"].weight.requires_grad
     x = RNG.standard_normal((4, 6))
     base = layer.base_layer(x)
     d_def = layer(x) - base
     layer.set_adapter("other")
-    assert layer.lora_A["other"].requires_grad and not layer.lora_B["default"].requires_grad
+    assert layer.lora_A["other"].weight.requires_grad and not layer.lora_B["default"].weight.requires_grad
     d_oth = layer(x) - base
     np.testing.assert_allclose(d_oth, x @ layer.get_delta_weight("other").T, rtol=1e-10, atol=1e-12)
     layer.set_adapter(["default", "other"])
@@ -178,7 +218,7 @@ def test_several_adapters_switch_sum_delete():
     np.testing.assert_allclose(layer(x) - base, d_def + d_oth, rtol=1e-10, atol=1e-12)
     y = layer(x)
     layer.backward(np.ones_like(y))
-    assert layer.lora_A["default"].grad is not None and layer.lora_A["other"].grad is not None
+    assert layer.lora_A["default"].weight.grad is not None and layer.lora_A["other"].weight.grad is not None
     names = [n for n, _ in layer.named_parameters()]
     assert names == ["base_layer.weight", "base_layer.bias", "lora_A.default.weight", "lora_A.other.weight",
                      "lora_B.default.weight", "lora_B.other.weight"]
@@ -213,10 +253,10 @@ def test_merge_two_adapters_lifo_safe_merge_and_warnings():
     layer.merge()
     y = layer(x)
     layer.backward(np.ones_like(y))
-    assert layer.lora_A["default"].grad is None
+    assert layer.lora_A["default"].weight.grad is None
     layer.unmerge()
     # safe_merge refuses a broken adapter and leaves W0 untouched
-    layer.lora_B["default"].data[0, 0] = np.nan
+    layer.lora_B["default"].weight.data[0, 0] = np.nan
     W_before = layer.base_layer.weight.data.copy()
     with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default"):
         layer.merge(safe_merge=True)

@@ -35,8 +35,9 @@ def randomize_B(pm, seed=0, scale=0.3, adapter=None):
     """Give B (zero at init) random values so that the adapter changes the output."""
     rng = np.random.default_rng(seed)
     for _, m in pm.base_model.lora_layers():
-        for name, B in m.lora_B.items():
+        for name, lin in m.lora_B.items():
             if adapter is None or name == adapter:
+                B = lin.weight                                        # (D_out, r)
                 B.data[...] = rng.standard_normal(B.data.shape).astype(B.data.dtype) * scale
 
 
@@ -139,7 +140,7 @@ def test_config_missing_keys_and_nonfinite_weights(tmp_path):
         PeftModel.from_pretrained(gpt(), tmp_path)
     pm = saved_adapter(tmp_path)
     m = pm.base_model.model.get_submodule("transformer.h.1.attn.c_attn")
-    m.lora_B["default"].data[5, 1] = np.nan
+    m.lora_B["default"].weight.data[5, 1] = np.nan
     pm.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"1 non-finite value.*first at index \(5, 1\)"):
         PeftModel.from_pretrained(gpt(), tmp_path)
@@ -201,8 +202,8 @@ def test_save_load_round_trip_is_exact(tmp_path_factory, r, alpha, rslora, targe
     back = PeftModel.from_pretrained(gpt(), d)
     for (n1, a), (n2, b) in zip(pm.base_model.lora_layers(), back.base_model.lora_layers()):
         assert n1 == n2
-        assert np.array_equal(a.lora_A["default"].data, b.lora_A["default"].data)
-        assert np.array_equal(a.lora_B["default"].data, b.lora_B["default"].data)
+        assert np.array_equal(a.lora_A["default"].weight.data, b.lora_A["default"].weight.data)
+        assert np.array_equal(a.lora_B["default"].weight.data, b.lora_B["default"].weight.data)
         assert a.scaling["default"] == b.scaling["default"]
     assert np.array_equal(back(idx)[0], logits)
 
@@ -253,7 +254,7 @@ def test_frozen_weights_bit_identical_after_training(seed, targets):
         opt.step()
     after = dict(pm.named_parameters())
     assert all(np.array_equal(after[n].data, v) and after[n].grad is None for n, v in frozen.items())
-    assert all(np.abs(m.lora_B["default"].data).max() > 0 for _, m in pm.base_model.lora_layers())   # it trained
+    assert all(np.abs(m.lora_B["default"].weight.data).max() > 0 for _, m in pm.base_model.lora_layers())   # it trained
 
 
 # ---- several adapters ---------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def test_round_trip_on_every_backend(xp, tmp_path):
     idx = xp.asarray(batch(6)[0])
     pm = get_peft_model(gpt(), LoraConfig(r=3, lora_alpha=6, target_modules="all-linear"), rng=default_rng(1))
     for _, m in pm.base_model.lora_layers():
-        m.lora_B["default"].data[...] = 0.05
+        m.lora_B["default"].weight.data[...] = 0.05
     pm.eval()
     y, _ = pm(idx)
     pm.save_pretrained(tmp_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minilora.backend import default_rng
-from minilora.nn import GPT, GPTConfig, Linear
+from minilora.nn import GPT, GPTConfig, Linear, LoRALinear
 from minilora.nn.linear4bit import Linear4bit
 from minilora.optim.adamw import AdamW
 from minilora.peft import (LoraConfig, PeftModel, format_memory_report, get_peft_model, memory_report,
@@ -51,6 +51,10 @@ def test_quantize_model_chooses_layers_by_name():
         quantize_model(gpt(), target_modules=["q_proj"])
     with pytest.raises(ValueError, match="before get_peft_model"):
         quantize_model(get_peft_model(gpt(), LoraConfig(target_modules=["c_attn"])))
+    m = gpt()                                                        # a hand-wrapped LoRA layer: its A and B are
+    m.transformer.h[0].attn.c_attn = LoRALinear(m.transformer.h[0].attn.c_attn, r=2)   # Linears, kept in float
+    lora = quantize_model(m).transformer.h[0].attn.c_attn
+    assert isinstance(lora.base_layer, Linear4bit) and type(lora.lora_A["default"]) is Linear
 
 
 def test_prepare_freezes_everything():
@@ -99,7 +103,8 @@ def test_merge_into_4bit_warns_and_requantizes():
     pm = get_peft_model(qgpt(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]), rng=default_rng(0))
     rng = np.random.default_rng(0)
     for _, m in pm.base_model.lora_layers():
-        m.lora_B["default"].data[...] = rng.standard_normal(m.lora_B["default"].data.shape).astype(np.float32) * 0.05
+        B = m.lora_B["default"].weight                                              # (D_out, r)
+        B.data[...] = rng.standard_normal(B.data.shape).astype(np.float32) * 0.05
     pm.eval()
     y, _ = pm(idx)
     # the reference: the same re-quantization done by hand on a copy
@@ -120,7 +125,7 @@ def test_qlora_adapter_file_is_a_plain_lora_file(tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "mlp.c_proj"])
     q = get_peft_model(qgpt(), cfg, rng=default_rng(0))
     for _, m in q.base_model.lora_layers():
-        m.lora_B["default"].data[...] = 0.1
+        m.lora_B["default"].weight.data[...] = 0.1
     q.eval()
     y, _ = q(idx)
     q.save_pretrained(tmp_path / "q")

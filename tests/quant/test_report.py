@@ -4,7 +4,8 @@ import sys
 
 import numpy as np
 
-from minilora.quant.report import SCHEMES, main, roundtrip_errors, scheme_errors
+from minilora.apps.quantize_report import main
+from minilora.quant.report import SCHEMES, roundtrip_errors, scheme_errors
 
 
 def test_scheme_errors_pinned_golden():
@@ -37,6 +38,6 @@ def test_main_prints_table(capsys):
 
 
 def test_python_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "minilora.quant", "--rows", "8", "--cols", "64"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "minilora", "quantize-report", "--rows", "8", "--cols", "64"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "NF4/64 + DQ" in r.stdout

@@ -37,7 +37,7 @@ from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, decode, encode, load_corpus
 from minilora.io import save_json, save_safetensors, atomic_write_text
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
-from minilora.pretrain import BASE_WEIGHTS, CHECKPOINT_DIR, eval_batches, load_base
+from minilora.pretrained import BASE_WEIGHTS, CHECKPOINT_DIR, eval_batches, load_base
 from minilora.train import evaluate, train
 
 METHODS = {   # key: (label, kind, quant_type)
@@ -370,8 +370,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="folder with base.safetensors + base.json (default: shipped base)")
     p.add_argument("--figures-dir", default=None,
-                   help="also refresh these figures here (default: the repository's figures/ for a full run, "
-                        "nowhere for --quick; 'none' to skip)")
+                   help="also write the figures into this folder (default: only the run folder's figures/)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -398,14 +397,9 @@ def _settings(args) -> dict:
 
 
 def _figures_dir(args):
-    if args.figures_dir == "none":
-        return None
-    if args.figures_dir is not None:
-        return Path(args.figures_dir)
-    if args.quick:
-        return None
-    from minilora.figures import default_out_dir  # noqa: PLC0415
-    return default_out_dir()
+    """Where figures go besides the run folder's own figures/: only a folder the user named (`minilora figures`
+    passes its --out here). A run never writes into the repository."""
+    return None if args.figures_dir in (None, "none") else Path(args.figures_dir)
 
 
 def _finish(result, out: Path, fig_dirs, plot, t_start: float, files: str) -> int:
@@ -415,7 +409,7 @@ def _finish(result, out: Path, fig_dirs, plot, t_start: float, files: str) -> in
     text = format_table(result)
     atomic_write_text(out / "table.md", text)
     save_json(out / "table.json", result)
-    from minilora import demo_plots  # noqa: PLC0415 - matplotlib only when writing figures
+    from minilora.apps import demo_plots  # noqa: PLC0415 - matplotlib only when writing figures
     for d in fig_dirs:
         plot(demo_plots, result, d)
     print(text)

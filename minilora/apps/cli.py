@@ -16,13 +16,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("minilora.demo", "main", "fine-tune the shipped base full / LoRA / QLoRA and print the comparison"),
-    "pretrain": ("minilora.pretrain", "main", "pretrain the tiny base GPT on CPython's documentation"),
-    "sample": ("minilora.demo", "sample_main", "generate text from the base and from a fine-tuned adapter"),
-    "quantize-report": ("minilora.quant.report", "main", "quantization error and bits/param per scheme"),
-    "memory": ("minilora.memory", "main", "memory calculator for LoRA / QLoRA at real model sizes"),
-    "paged-sim": ("minilora.optim.paged_sim", "main", "simulate a long-sequence spike with and without paging"),
-    "figures": ("minilora.figures", "main", "regenerate every figure in figures/"),
+    "demo": ("minilora.apps.demo", "main", "fine-tune the shipped base full / LoRA / QLoRA and print the comparison"),
+    "pretrain": ("minilora.apps.pretrain", "main", "pretrain the tiny base GPT on CPython's documentation"),
+    "sample": ("minilora.apps.demo", "sample_main", "generate text from the base and from a fine-tuned adapter"),
+    "quantize-report": ("minilora.apps.quantize_report", "main", "quantization error and bits/param per scheme"),
+    "memory": ("minilora.apps.memory_cli", "main", "memory calculator for LoRA / QLoRA at real model sizes"),
+    "paged-sim": ("minilora.apps.paged_sim", "main", "simulate a long-sequence spike with and without paging"),
+    "figures": ("minilora.apps.figures", "main", "regenerate every figure in figures/"),
 }
 
 

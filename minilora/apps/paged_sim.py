@@ -12,7 +12,7 @@ One training step, as the simulator replays it on a PagedPool (minilora.optim.pa
 The unpaged baseline is the same trace on the same budget with every state an ordinary device allocation: the
 spike step raises OutOfMemoryError naming the step, the request and what held the device.
 
-Scenarios (the numbers come from minilora.memory, the memory calculator, when it is importable):
+Scenarios (the numbers come from minilora.memory, the memory calculator):
     7b     QLoRA LLaMA-7B on a 24 GB GPU: NF4 + double-quant base, LoRA r=64 on every linear layer (qlora.py's
            recipe), bf16 adapters and gradients, fp32 AdamW m and v (paged_adamw_32bit), micro-batch 16.
     65b    QLoRA LLaMA-65B on a 48 GB GPU, same recipe, micro-batch 2.
@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import io
 import json
 import random
 import sys
 
+from minilora import memory
 from minilora.backend import default_rng, xp_current
 from minilora.nn.parameter import Parameter
 from minilora.optim.adamw import AdamW
@@ -78,37 +78,18 @@ def _numel(shape):
     return n
 
 
-# Fallback for when minilora.memory is absent: LLaMA shapes (n_layer, d_model, n_head, d_ff), vocab 32000.
-_LLAMA = {"llama-7b": (32, 4096, 32, 11008), "llama-65b": (80, 8192, 64, 22016)}
-
-
 def _llama_numbers(model: str, r: int = 64):
-    """(weights_bytes, adapter_shapes, activation_fn, source) for QLoRA on `model`, from minilora.memory if present.
+    """(weights_bytes, adapter_shapes, activation_fn, source) for QLoRA on `model`, from the memory calculator."""
+    shape = memory.get_shape(model)
+    weights = memory.estimate(shape, "qlora", r=r, targets="all-linear", include_activations=False)
+    weights = weights.breakdown["weights"]
+    lin = memory.block_linears(shape)
+    names = memory.resolve_targets(shape, "all-linear")
+    shapes = [s for _ in range(shape.n_layer) for n in names for s in ((r, lin[n][0]), (lin[n][1], r))]
 
-    The fallback approximates the calculator's assumptions: NF4 + DQ at 4.127 bits per linear weight, embeddings,
-    norms and lm_head in bf16, Korthikanti's s·b·d·(34 + 5·a·s/d) bytes per block, fp32 logits 4·s·b·V."""
-    try:
-        memory = importlib.import_module("minilora.memory")    # the calculator; optional here
-        shape = memory.get_shape(model)
-        weights = memory.estimate(shape, "qlora", r=r, targets="all-linear", include_activations=False)
-        weights = weights.breakdown["weights"]
-        lin = memory.block_linears(shape)
-        names = memory.resolve_targets(shape, "all-linear")
-        shapes = [s for _ in range(shape.n_layer) for n in names for s in ((r, lin[n][0]), (lin[n][1], r))]
-        act = lambda s, b, gc: memory.activation_bytes(shape, s, b, gc)["total"]   # noqa: E731
-        return weights, shapes, act, "minilora.memory"
-    except (ImportError, AttributeError, KeyError):
-        L, d, a, f = _LLAMA[model]
-        linear = L * (4 * d * d + 3 * d * f)
-        other = 2 * 32000 * d + (2 * L + 1) * d
-        weights = int(linear * 4.127 / 8) + 2 * other
-        shapes = [s for _ in range(L) for (i, o) in [(d, d)] * 4 + [(d, f), (d, f), (f, d)] for s in ((r, i), (o, r))]
-
-        def act(s, b, gc):
-            block = s * b * d * 34 + 5 * a * s * s * b
-            head = 5 * s * b * d                                    # ln_f and lm_head inputs, dropout mask
-            return (block + L * 2 * s * b * d if gc else L * block) + head + 4 * s * b * 32000
-        return weights, shapes, act, "paged_sim.py's fallback numbers (minilora.memory not importable)"
+    def act(s, b, gc):
+        return memory.activation_bytes(shape, s, b, gc)["total"]
+    return weights, shapes, act, "minilora.memory"
 
 
 def get_scenario(model: str) -> Scenario:

@@ -11,7 +11,7 @@ weights is standardized, z = (w − mean) / std, the pooled z are sorted and plo
 Φ⁻¹((i − ½)/n). A straight diagonal means normal; tails bending away mean heavier (or lighter) tails than normal.
 
 Arrays come to the host with `minilora.backend.to_numpy`; the array math uses the module that owns them (no
-numpy import here, see tests/test_backend.py). Drawing and PNG writing reuse `minilora.figures` (deterministic PNGs).
+numpy import here, see tests/test_backend.py). Drawing and PNG writing go through `minilora.plotting` (deterministic PNGs).
 """
 from __future__ import annotations
 
@@ -19,21 +19,12 @@ from pathlib import Path
 from statistics import NormalDist
 
 from minilora.backend import get_array_module, to_numpy
+from minilora.plotting import pyplot, save_png
 
 LAYER_TYPES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
 SCHEMES = ("nf4", "fp4", "int4", "int8")
 COLORS = {"full": "C0", "last_layer": "C7", "lora_all": "C1", "lora_attn": "C2", "qlora_nf4": "C3",
           "qlora_fp4": "C4", "qlora_int4": "C5"}
-
-
-def _fig():
-    from minilora.figures import _plt  # noqa: PLC0415 - the lead's deterministic matplotlib setup
-    return _plt()
-
-
-def _save(fig, path):
-    from minilora.figures import save  # noqa: PLC0415
-    return save(fig, Path(path))
 
 
 def _ema(xs, a=0.9):
@@ -46,7 +37,7 @@ def _ema(xs, a=0.9):
 
 def demo_figures(result: dict, out) -> list:
     """The three figures of a demo run, with fixed names, into folder `out`."""
-    plt = _fig()
+    plt = pyplot()
     out = Path(out)
     rows = result["methods"]                     # table.json stores keys sorted: restore the demo's order
     rows = {k: rows[k] for k in sorted(rows, key=lambda k: list(COLORS).index(k) if k in COLORS else len(COLORS))}
@@ -59,7 +50,7 @@ def demo_figures(result: dict, out) -> list:
     ax.set(title="fine-tuning on stdlib code: training loss (EMA 0.9)", xlabel="step", ylabel="bits / byte")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "demo_loss_curves.png"))
+    paths.append(save_png(fig, out / "demo_loss_curves.png"))
 
     names = list(rows)
     parts = (("frozen base", lambda r: r["frozen_base_bytes"]), ("trainable weights", lambda r: r["trainable_bytes"]),
@@ -77,7 +68,7 @@ def demo_figures(result: dict, out) -> list:
     ax.set(title="peak training memory (tracemalloc) and what fills it", ylabel="MiB")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "demo_memory_bars.png"))
+    paths.append(save_png(fig, out / "demo_memory_bars.png"))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = range(len(names))
@@ -93,12 +84,12 @@ def demo_figures(result: dict, out) -> list:
         ax.set(title=title, ylabel="val bits / byte")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "demo_final_loss_bars.png"))
+    paths.append(save_png(fig, out / "demo_final_loss_bars.png"))
     return paths
 
 
 def rank_sweep_figure(result: dict, out) -> list:
-    plt = _fig()
+    plt = pyplot()
     rows = result["sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["r"] for r in rows], [r["code_bits_after"] for r in rows], "o-")
@@ -106,7 +97,7 @@ def rank_sweep_figure(result: dict, out) -> list:
     ax.set(title="LoRA all-linear: final loss vs rank (lora_alpha = 16)", xlabel="r",
            ylabel="stdlib code val bits / byte")
     fig.tight_layout()
-    return [_save(fig, Path(out) / "demo_rank_sweep.png")]
+    return [save_png(fig, Path(out) / "demo_rank_sweep.png")]
 
 
 # ------------------------------------------------------------------------------------ real weights, quantized
@@ -130,7 +121,7 @@ def roundtrip(W, scheme: str):
 
 def real_weight_errors(base_dir=None) -> dict:
     """{layer type: {scheme: |W − Ŵ| of every weight of that type (host array)}} and mean abs errors."""
-    from minilora.pretrain import load_base  # noqa: PLC0415
+    from minilora.pretrained import load_base  # noqa: PLC0415
     model, _ = load_base(base_dir)
     errs, weights = {}, {}
     for name, p in model.named_parameters():
@@ -163,7 +154,7 @@ def real_weight_figures(out, base_dir=None, data=None) -> list:
     """Error histograms per layer type and the Q–Q plot, for the shipped base (or base_dir); returns the paths.
 
     data: the output of real_weight_errors(base_dir), if already computed."""
-    plt = _fig()
+    plt = pyplot()
     out = Path(out)
     data = real_weight_errors(base_dir) if data is None else data
     types = [t for t in LAYER_TYPES if t in data]
@@ -179,7 +170,7 @@ def real_weight_figures(out, base_dir=None, data=None) -> list:
     axes[0].set_ylabel("count (log)")
     fig.suptitle("round-trip error of the pretrained base's weights, blocksize 64", fontsize=10)
     fig.tight_layout()
-    paths = [_save(fig, out / "quant_real_weights_error_hist.png")]
+    paths = [save_png(fig, out / "quant_real_weights_error_hist.png")]
 
     nd = NormalDist()
     fig, ax = plt.subplots(figsize=(5.2, 5))
@@ -195,5 +186,5 @@ def real_weight_figures(out, base_dir=None, data=None) -> list:
            ylabel="weight quantile (z within block of 64)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "quant_real_weights_qq.png"))
+    paths.append(save_png(fig, out / "quant_real_weights_qq.png"))
     return paths

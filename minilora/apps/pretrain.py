@@ -6,7 +6,8 @@ The base model every demo starts from. Byte-level (vocab 256) next-token predict
     for step in 0..max_steps-1:   x, y = 16 random 128-byte windows of the training topics
                                   loss = cross_entropy(GPT(x), y);  AdamW with warmup + cosine decay, clip 1.0
 
-Defaults are the settings of the checkpoint shipped in `minilora/checkpoints/` (4 layers, 4 heads, 128 wide, 128
+Defaults are the settings of the checkpoint shipped in `minilora/checkpoints/` (`minilora.pretrained.load_base`:
+4 layers, 4 heads, 128 wide, 128
 context, ~0.88 M parameters; nanoGPT's `shakespeare_char` recipe scaled down to fit ~10 minutes of 1 CPU core).
 The run writes `base.safetensors` (Hugging Face GPT-2 parameter names, float32) and `base.json` (config, training
 settings, the corpus's sha256, the validation loss reached, the eval curve, wall time), so a student can rebuild
@@ -25,43 +26,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from minilora.data import LN2, load_corpus
-from minilora.io import load_json, load_safetensors, save_json, save_safetensors
+from minilora.io import load_json, save_json, save_safetensors
 from minilora.nn import GPT, GPTConfig
 from minilora.optim import AdamW, get_cosine_schedule_with_warmup
-from minilora.train import evaluate, train
-
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
-BASE_WEIGHTS, BASE_META = "base.safetensors", "base.json"
+from minilora.pretrained import BASE_META, BASE_WEIGHTS, eval_batches
+from minilora.train import train
 
 # The shipped base's recipe (`minilora pretrain` with no options reproduces it).
 DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, seed=0,
                 max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=50, weight_decay=0.01, betas=(0.9, 0.99),
                 max_grad_norm=1.0, eval_windows=64, eval_every=100)
-EVAL_CHUNK = 16                      # windows per eval forward pass
 # A few-second run with the same recipe; its loss is recorded next to the shipped base so a test can check that
 # `minilora pretrain` still trains the same way (the full 10-minute run is too long for CI).
 SHORT_RUN = ["--steps", "20", "--batch-size", "8", "--eval-every", "0"]
-
-
-def eval_batches(corpus, block_size: int, n_windows: int, split: str = "val"):
-    """The fixed evaluation set: n_windows evenly spaced windows of the split, in chunks of EVAL_CHUNK."""
-    x, y = corpus.eval_windows(split, block_size, n_windows)                 # (n, T) each
-    return [(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK]) for i in range(0, n_windows, EVAL_CHUNK)]
-
-
-def val_bits(model, corpus, block_size: int = 128, n_windows: int = 64, split: str = "val") -> float:
-    """Mean validation loss of `model` on `corpus` in bits per byte (fixed windows: comparable across models)."""
-    return evaluate(model, eval_batches(corpus, block_size, n_windows, split)) / LN2
-
-
-def load_base(directory=None):
-    """(model, meta): the GPT saved by `minilora pretrain` (default: the checkpoint shipped with minilora)."""
-    d = Path(directory) if directory is not None else CHECKPOINT_DIR
-    meta = load_json(d / BASE_META)
-    model = GPT(GPTConfig(**meta["config"]))
-    tensors, _ = load_safetensors(d / BASE_WEIGHTS)
-    model.load_state_dict(tensors)
-    return model, meta
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import sys
 import tempfile
 import time
@@ -24,42 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
-PNG_META = {"Software": None}          # no version string in the file: bytes depend only on the picture
-DPI = 100
-
+from minilora.plotting import pyplot, save_png
 
 def default_out_dir() -> Path:
     """The repository's figures/ folder when running from a checkout, else ./figures."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file():
         return repo / "figures"
     return Path.cwd() / "figures"
 
 
-def _plt():
-    import matplotlib  # noqa: PLC0415 - imported on use, so `minilora --help` stays fast
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    matplotlib.rcdefaults()
-    plt.rcParams.update({"figure.dpi": DPI, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-                         "axes.spines.right": False, "svg.hashsalt": "minilora"})
-    return plt
-
-
-def save(fig, path: Path) -> Path:
-    """PNG bytes from the figure, written atomically (minilora.io), figure closed."""
-    from minilora.io import atomic_write_bytes  # noqa: PLC0415
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_META)
-    _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ the figures
 def fig_svd_truncation(out: Path, ctx: dict) -> list:
     """Singular values and rank-k truncation error of a low-rank-plus-noise matrix vs a Gaussian one (notebook 01)."""
-    plt = _plt()
+    plt = pyplot()
     rng = np.random.default_rng(0)
     structured = rng.standard_normal((256, 8)) @ rng.standard_normal((8, 128)) + 0.1 * rng.standard_normal((256, 128))
     gaussian = rng.standard_normal((256, 128))
@@ -76,13 +53,13 @@ def fig_svd_truncation(out: Path, ctx: dict) -> list:
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    return [save(fig, out / "svd_truncation.png")]
+    return [save_png(fig, out / "svd_truncation.png")]
 
 
 def fig_double_quant_memory(out: Path, ctx: dict) -> list:
     """Bits per parameter (16, 4.5, 4.127) and the weights of LLaMA-7B / 65B stored each way (notebook 04)."""
     from minilora.memory import bits_per_param, get_shape, param_counts  # noqa: PLC0415
-    plt = _plt()
+    plt = pyplot()
     schemes = [("bf16", 16.0), ("NF4\n4 + 32/64", bits_per_param(64, double_quant=False)),
                ("NF4 + DQ\n4 + 8/64 + 32/16384", bits_per_param(64, double_quant=True))]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -108,7 +85,7 @@ def fig_double_quant_memory(out: Path, ctx: dict) -> list:
     ax2.set(title="block linears' weights (embeddings excluded)", ylabel="GB (1e9 bytes)")
     ax2.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    return [save(fig, out / "double_quant_memory.png")]
+    return [save_png(fig, out / "double_quant_memory.png")]
 
 
 def _pinned():
@@ -119,7 +96,7 @@ def _pinned():
 def fig_quant_error_hist(out: Path, ctx: dict) -> list:
     """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats."""
     from minilora.quant.report import roundtrip  # noqa: PLC0415
-    plt = _plt()
+    plt = pyplot()
     x = _pinned()
     families = [("8-bit: where the absmax is taken", ["int8 tensor-wise", "int8 row-wise", "int8 block-wise/64"],
                  np.linspace(-0.025, 0.025, 201)),
@@ -137,14 +114,14 @@ def fig_quant_error_hist(out: Path, ctx: dict) -> list:
     fig.suptitle("quantization error on randn(1024, 1024), seed 0 (NF4/64: 0.072813, bit-exact with bitsandbytes)",
                  fontsize=10)
     fig.tight_layout()
-    return [save(fig, out / "quant_error_hist.png")]
+    return [save_png(fig, out / "quant_error_hist.png")]
 
 
 def fig_int8_outliers(out: Path, ctx: dict) -> list:
     """The outlier problem: 8 values of ±60 in the pinned matrix, int8 tensor-wise vs row-wise vs block-wise."""
     from minilora.quant import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,  # noqa: PLC0415
                                 int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant)
-    plt = _plt()
+    plt = pyplot()
     x = _pinned()
     rng = np.random.default_rng(0)
     idx = rng.choice(x.size, 8, replace=False)
@@ -168,7 +145,7 @@ def fig_int8_outliers(out: Path, ctx: dict) -> list:
            title="absmax int8 with 8 outliers of ±60 in a 1024×1024 N(0,1) matrix")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return [save(fig, out / "int8_outliers.png")]
+    return [save_png(fig, out / "int8_outliers.png")]
 
 
 def fig_nf4_codebook(out: Path, ctx: dict) -> list:
@@ -176,7 +153,7 @@ def fig_nf4_codebook(out: Path, ctx: dict) -> list:
     from statistics import NormalDist  # noqa: PLC0415
 
     from minilora.quant import get_4bit_type  # noqa: PLC0415
-    plt = _plt()
+    plt = pyplot()
     normal = NormalDist()
     scale = normal.inv_cdf(0.9677083)                                # code ±1 sits at ±1.848 sigma
     t = np.linspace(-3.5, 3.5, 401)
@@ -197,13 +174,13 @@ def fig_nf4_codebook(out: Path, ctx: dict) -> list:
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle("NF4 = normal quantiles: every code carries about 1/16 of N(0,1)", fontsize=10)
     fig.tight_layout()
-    return [save(fig, out / "nf4_codebook.png")]
+    return [save_png(fig, out / "nf4_codebook.png")]
 
 
 def fig_paged_memory_timeline(out: Path, ctx: dict) -> list:
     """Device memory of a QLoRA 65B run on 48 GB through a long-sequence spike, without and with paging
-    (minilora.optim.paged_sim's own figure: same scenario, same seed as `minilora paged-sim`)."""
-    from minilora.optim import paged_sim  # noqa: PLC0415
+    (minilora.apps.paged_sim's own figure: same scenario, same seed as `minilora paged-sim`)."""
+    from minilora.apps import paged_sim  # noqa: PLC0415
     return [Path(paged_sim.write_figure(out / "paged_memory_timeline.png"))]
 
 
@@ -219,7 +196,7 @@ def _demo_result(ctx: dict, key: str):
 
 def _run_demo(out: Path, extra: list) -> None:
     """`minilora demo` itself, in a scratch run folder, with its figures refreshed into `out`."""
-    from minilora import demo  # noqa: PLC0415
+    from minilora.apps import demo  # noqa: PLC0415
     with tempfile.TemporaryDirectory(prefix="minilora-figures-") as tmp:
         rc = demo.main(["--out", tmp, "--figures-dir", str(out), "--no-progress", *extra])
     if rc:
@@ -233,7 +210,7 @@ def fig_demo(out: Path, ctx: dict) -> list:
     if result is None:
         _run_demo(out, [])
     else:
-        from minilora import demo_plots  # noqa: PLC0415
+        from minilora.apps import demo_plots  # noqa: PLC0415
         demo_plots.demo_figures(result, out)
     return [out / f for f in FIGURES["demo"].files]
 
@@ -244,14 +221,14 @@ def fig_lora_rank_loss(out: Path, ctx: dict) -> list:
     if result is None:
         _run_demo(out, ["--sweep-rank"])
     else:
-        from minilora import demo_plots  # noqa: PLC0415
+        from minilora.apps import demo_plots  # noqa: PLC0415
         demo_plots.rank_sweep_figure(result, out)
     return [out / f for f in FIGURES["lora_rank_loss"].files]
 
 
 def fig_real_weights(out: Path, ctx: dict) -> list:
     """Round-trip error histograms of the shipped base's real weights per layer type, and their Q-Q plot."""
-    from minilora import demo_plots  # noqa: PLC0415
+    from minilora.apps import demo_plots  # noqa: PLC0415
     return [Path(p) for p in demo_plots.real_weight_figures(out)]
 
 
