@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 import tracemalloc
+from functools import partial
 
 # bnb's CPU library runs its kernels with OpenMP (its own libgomp, read at load time): pin the thread count before
 # torch/bitsandbytes are imported, so the comparison is one core against one core unless asked otherwise.
@@ -83,8 +84,8 @@ def main(argv=None) -> int:
     print(f"memory bandwidth (np.copyto, read + write): {bw / 1e9:.1f} GB/s\n")
 
     try:
-        import torch
         import bitsandbytes.functional as F
+        import torch
         torch.set_num_threads(args.threads)
         xt = torch.from_numpy(x)
         print(f"bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__}, "
@@ -97,20 +98,20 @@ def main(argv=None) -> int:
     for dq in (False, True):
         p, st = quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
         out = np.empty_like(x)
-        ops = {
-            "quantize": (lambda: quantize_4bit(x, 64, "nf4", dq),
-                         (lambda: F.quantize_4bit(xt, blocksize=64, quant_type="nf4", compress_statistics=dq))
+        ops = {    # each call bound now (functools.partial), not looked up when timed
+            "quantize": (partial(quantize_4bit, x, 64, "nf4", dq),
+                         partial(F.quantize_4bit, xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
                          if F else None),
-            "dequantize": (lambda: dequantize_4bit(p, st), None),
-            "dequantize(out=)": (lambda: dequantize_4bit(p, st, out=out), None),
+            "dequantize": (partial(dequantize_4bit, p, st), None),
+            "dequantize(out=)": (partial(dequantize_4bit, p, st, out=out), None),
         }
         if F:
             tp, ts = F.quantize_4bit(xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
             tout = torch.empty_like(xt)
-            ops["dequantize"] = (ops["dequantize"][0], lambda: F.dequantize_4bit(tp, ts))
+            ops["dequantize"] = (ops["dequantize"][0], partial(F.dequantize_4bit, tp, ts))
             try:                                                         # bnb 0.50.2 has no CPU kernel for .out
                 F.dequantize_4bit(tp, ts, out=tout)
-                ops["dequantize(out=)"] = (ops["dequantize(out=)"][0], lambda: F.dequantize_4bit(tp, ts, out=tout))
+                ops["dequantize(out=)"] = (ops["dequantize(out=)"][0], partial(F.dequantize_4bit, tp, ts, out=tout))
             except (NotImplementedError, RuntimeError):
                 pass
         for name, (ours, theirs) in ops.items():
@@ -130,8 +131,8 @@ def main(argv=None) -> int:
         for dq in (False, True):
             p, st = quantize_4bit(xm, 64, "nf4", dq)
             outputs = p.nbytes + st.stats_nbytes
-            extra = peak_extra(lambda: quantize_4bit(xm, 64, "nf4", dq), outputs)
-            extra_d = peak_extra(lambda: dequantize_4bit(p, st), m * 4)
+            extra = peak_extra(partial(quantize_4bit, xm, 64, "nf4", dq), outputs)
+            extra_d = peak_extra(partial(dequantize_4bit, p, st), m * 4)
             print(f"  n = {m:>10,} DQ={dq!s:<5}  quantize: outputs {outputs / 2**20:7.2f} MiB, extra "
                   f"{extra / 2**20:6.2f} MiB | dequantize: extra {extra_d / 2**20:6.2f} MiB")
     if F:

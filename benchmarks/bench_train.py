@@ -334,8 +334,8 @@ def main(argv=None) -> int:
     check("minilora full / torch full", full / tfull if full and tfull else None, math.inf)
     print(f"\n{'ratio':<34} {'value':>7} {'target':>7}")
     for label, v, limit, verdict in checks:
-        print(f"{label:<34} {('%.3f' % v) if v is not None else 'n/a':>7} "
-              f"{('<= %.2f' % limit) if limit != math.inf else '':>7}  {verdict if limit != math.inf else ''}")
+        print(f"{label:<34} {(f'{v:.3f}') if v is not None else 'n/a':>7} "
+              f"{(f'<= {limit:.2f}') if limit != math.inf else '':>7}  {verdict if limit != math.inf else ''}")
 
     if mem:
         small = [(x[:1], y[:1]) for x, y in host]            # activations scale with tokens; weights do not
@@ -344,7 +344,8 @@ def main(argv=None) -> int:
         for mode in mem:
             print(f"  {mode:<6} {mem[mode]['peak_bytes'] / 2 ** 20:8.1f} {mem1[mode]['peak_bytes'] / 2 ** 20:8.1f}")
         if "qlora" in mem1 and "full" in mem1:
-            print(f"  QLoRA peak / full peak at batch 1: {mem1['qlora']['peak_bytes'] / mem1['full']['peak_bytes']:.2f}")
+            ratio = mem1["qlora"]["peak_bytes"] / mem1["full"]["peak_bytes"]
+            print(f"  QLoRA peak / full peak at batch 1: {ratio:.2f}")
         for mode in mem:
             mem[mode]["peak_bytes_batch1"] = mem1[mode]["peak_bytes"]
         print("\npersistent arrays after a step (memory_report), MiB, and the traced peak:")
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
                "memory": {k: {kk: vv for kk, vv in v.items()} for k, v in mem.items()},
                "checks": [dict(label=c[0], value=c[1], limit=None if c[2] == math.inf else c[2], verdict=c[3])
                           for c in checks]}
-        from minilora.io import atomic_write_text  # noqa: PLC0415 - a partial results file never replaces a good one
+        from minilora.io import atomic_write_text  # imported here: a partial results file never replaces a good one
         atomic_write_text(args.json, json.dumps(out, indent=2, default=str))
     return 0
 

@@ -29,7 +29,7 @@ class BackendUnavailableError(RuntimeError):
 def _load_cupy():
     """Import CuPy and check that a CUDA device exists, or raise BackendUnavailableError naming which is missing."""
     try:
-        import cupy  # noqa: PLC0415 - optional dependency
+        import cupy  # imported here: optional dependency
     except ImportError as e:
         raise BackendUnavailableError(
             f"backend 'cupy' requested, but CuPy is not installed ({e}); install it with `pip install minilora[gpu]` "
@@ -91,7 +91,7 @@ def get_array_module(*arrays):
     """The array module that owns these arrays: cupy if any of them is a CuPy array, else numpy."""
     for a in arrays:
         if is_cupy_array(a):
-            import cupy  # noqa: PLC0415
+            import cupy
             return cupy
     return numpy
 

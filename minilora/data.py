@@ -147,7 +147,7 @@ def _read(path: str) -> str:
 
 
 def _texts_pydoc():
-    from pydoc_data.topics import topics  # noqa: PLC0415 - ships with CPython (what help() prints)
+    from pydoc_data.topics import topics  # imported here: ships with CPython (what help() prints)
     names = sorted(topics)
     val = [n for i, n in enumerate(names) if i % 10 == 5]     # every 10th topic, deterministically
     train = [n for n in names if n not in set(val)]

@@ -10,6 +10,7 @@ Host-only code: this module may import numpy (it is on the backend test's allowl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -41,10 +42,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -71,9 +70,9 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write a dict of arrays (NumPy or CuPy; CuPy is copied to the host) as safetensors, atomically.
 
     metadata defaults to {"format": "pt"}, which is what PEFT and transformers write and expect."""
-    from safetensors.numpy import save  # noqa: PLC0415
+    from safetensors.numpy import save
 
-    from minilora.backend import to_numpy  # noqa: PLC0415
+    from minilora.backend import to_numpy
     host = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
     meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     atomic_write_bytes(path, save(host, metadata=meta))
@@ -84,7 +83,7 @@ def load_safetensors(path) -> tuple[dict, dict]:
 
     The header is checked by hand before anything is parsed, so a truncated or corrupt file gives a CorruptFileError
     that says what is wrong instead of a crash deep in a parser."""
-    from safetensors.numpy import load  # noqa: PLC0415
+    from safetensors.numpy import load
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")

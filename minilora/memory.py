@@ -163,7 +163,8 @@ def resolve_targets(shape: ModelShape, targets) -> list:
     for t in wanted:
         hits = [n for n in names if n == t or n.endswith("." + t)]
         if not hits:
-            raise ValueError(f"target {t!r} matches no linear layer of {shape.name}; its layers are: {', '.join(names)}")
+            raise ValueError(f"target {t!r} matches no linear layer of {shape.name}; "
+                             f"its layers are: {', '.join(names)}")
         chosen += [h for h in hits if h not in chosen]
     return [n for n in names if n in chosen]         # block order, no duplicates
 
@@ -205,7 +206,8 @@ def rank1_factorize(matrix):
         for k, x in enumerate(row):
             if u[i] * v[k] != x:
                 raise ValueError(f"matrix has rank > 1: entry ({i}, {k}) = {x} but u[{i}]·v[{k}] = {u[i] * v[k]}")
-    as_num = lambda x: int(x) if x.denominator == 1 else x
+    def as_num(x):
+        return int(x) if x.denominator == 1 else x
     return [[as_num(x)] for x in u], [[as_num(x) for x in v]]
 
 
@@ -315,7 +317,8 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
     counts = param_counts(shape)
     N = counts["total"]
     details = []
-    add = lambda cat, what, n: details.append((cat, what, int(n)))
+    def add(cat, what, n):
+        return details.append((cat, what, int(n)))
 
     if method == "full":
         trainable = N

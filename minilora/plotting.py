@@ -15,9 +15,9 @@ DPI = 100
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend with minilora's style (defaults + light grid, no top/right spines)."""
-    import matplotlib  # noqa: PLC0415 - imported on use, so `minilora --help` stays fast
+    import matplotlib  # imported here: imported on use, so `minilora --help` stays fast
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
     matplotlib.rcdefaults()
     plt.rcParams.update({"figure.dpi": DPI, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
                          "axes.spines.right": False, "svg.hashsalt": "minilora"})
@@ -26,7 +26,7 @@ def pyplot():
 
 def save_png(fig, path) -> Path:
     """PNG bytes of the figure, written atomically (minilora.io); the figure is closed. Returns the path."""
-    from minilora.io import atomic_write_bytes  # noqa: PLC0415
+    from minilora.io import atomic_write_bytes
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_META)
     pyplot().close(fig)

@@ -247,7 +247,7 @@ def train(model, optimizer, get_batch, *, max_steps: int, grad_accum_steps: int 
     model.train()
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415 - only when a bar is wanted
+        from tqdm.auto import tqdm  # imported here: only when a bar is wanted
         bar = tqdm(total=max_steps, initial=result.step, desc=desc, dynamic_ncols=True, leave=True)
     try:
         while result.step < max_steps:

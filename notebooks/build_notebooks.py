@@ -2,13 +2,14 @@
 
 Each notebook is written as a plain Python file in notebooks/src/NN_name.py, in the "percent" format that jupytext
 and VS Code understand: a line `# %%` starts a code cell, `# %% [markdown]` starts a markdown cell whose lines are
-comments (`# ` is stripped). Plain files diff and review well; the .ipynb files are generated from them.
+comments (`# ` is stripped). Plain files diff and review well, and parse as Python (an IPython magic is written
+commented out, `# %matplotlib inline`, as jupytext writes it); the .ipynb files are generated from them.
 
     python notebooks/build_notebooks.py              # build and execute all notebooks
     python notebooks/build_notebooks.py 03 05        # only these (by number or name)
     python notebooks/build_notebooks.py --no-exec    # write the .ipynb files without running them
 
-Execution uses nbclient in a fresh kernel with notebooks/ as the working directory (the same as tests/test_notebooks.py),
+Execution uses nbclient in a fresh kernel with notebooks/ as the working directory (as tests/test_notebooks.py does),
 and prints each notebook's wall time. Volatile metadata (timings, kernel ids) is not stored, so a rebuild of an
 unchanged source only changes outputs that really changed.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -24,6 +26,9 @@ import nbformat
 
 HERE = pathlib.Path(__file__).resolve().parent
 SRC = HERE / "src"
+
+
+MAGIC = re.compile(r"^# %(?!%)[A-Za-z]")         # `# %matplotlib inline`, not a `# %%` cell marker
 
 
 def parse_percent(text: str) -> list:
@@ -39,8 +44,9 @@ def parse_percent(text: str) -> list:
         if kind == "markdown":
             md = [ln[2:] if ln.startswith("# ") else ln[1:] if ln.startswith("#") else ln for ln in body.split("\n")]
             cells.append(nbformat.v4.new_markdown_cell("\n".join(md)))
-        else:
-            cells.append(nbformat.v4.new_code_cell(body))
+        else:   # jupytext's convention: a magic is written commented out (`# %matplotlib inline`), so the source
+            code = [ln[2:] if MAGIC.match(ln) else ln for ln in body.split("\n")]   # parses as Python
+            cells.append(nbformat.v4.new_code_cell("\n".join(code)))
 
     for line in text.split("\n"):
         if line.startswith("# %%"):
@@ -60,7 +66,7 @@ def build(src: pathlib.Path, execute: bool = True) -> float:
                    "language_info": {"name": "python"}}
     elapsed = 0.0
     if execute:
-        import nbclient  # noqa: PLC0415 - only needed when executing
+        import nbclient  # imported here: only needed when executing
         t0 = time.perf_counter()
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", record_timing=False,
                                 resources={"metadata": {"path": str(HERE)}}).execute()

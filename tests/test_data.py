@@ -29,7 +29,7 @@ def test_splits_are_deterministic_and_disjoint():
     # no validation module's text appears in the training text
     c = data.load_corpus("stdlib")
     train = c.train.tobytes()
-    for m, text in zip(data.STDLIB_VAL_MODULES, data._texts_stdlib()[1]):
+    for m, text in zip(data.STDLIB_VAL_MODULES, data._texts_stdlib()[1], strict=True):
         assert text.encode()[1000:1200] not in train, m
 
 
@@ -38,8 +38,9 @@ def test_idle_split_is_a_clean_cut():
         tr, va, _ = data._texts_idle()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    assert tr[0].endswith("\n") and tr[0] + va[0] == open(data.os.path.join(data.stdlib_dir(), "idlelib",
-                                                                           "help.html"), encoding="utf-8").read()
+    path = data.os.path.join(data.stdlib_dir(), "idlelib", "help.html")
+    with open(path, encoding="utf-8") as f:
+        assert tr[0].endswith("\n") and tr[0] + va[0] == f.read()
 
 
 def test_encode_decode_roundtrip_and_vocab():

@@ -6,11 +6,11 @@ import math
 import warnings
 
 import pytest
+from torch_twin import torch_copy_of
 
 from minilora.apps import demo, demo_plots
 from minilora.data import load_corpus
 from minilora.pretrained import load_base
-from torch_twin import torch_copy_of
 
 ROW_KEYS = {"label", "trainable_params", "total_params", "trainable_percent", "frozen_base_bytes", "trainable_bytes",
             "gradient_bytes", "optimizer_bytes", "peak_bytes", "cpu_s_per_step", "code_bits_before", "code_bits_after",
@@ -58,7 +58,8 @@ def test_parameter_counts_match_the_formula(run):
     assert m["last_layer"]["trainable_params"] == 256 * C
     assert m["full"]["trainable_percent"] == 100.0
     # 4-bit storage: NF4 + double quant < FP4/Int4 with float32 absmax < float32 base
-    assert m["qlora_nf4"]["frozen_base_bytes"] < m["qlora_fp4"]["frozen_base_bytes"] < m["lora_all"]["frozen_base_bytes"]
+    frozen = {k: m[k]["frozen_base_bytes"] for k in ("qlora_nf4", "qlora_fp4", "lora_all")}
+    assert frozen["qlora_nf4"] < frozen["qlora_fp4"] < frozen["lora_all"]
     assert m["lora_all"]["file_bytes"] < m["full"]["file_bytes"] / 10
 
 

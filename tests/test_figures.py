@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from minilora.apps import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

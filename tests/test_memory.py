@@ -11,8 +11,19 @@ import pytest
 
 from minilora import memory
 from minilora.apps import memory_cli
-from minilora.memory import (GB, MiB, ModelShape, activation_bytes, bits_per_param, estimate, lora_trainable_params,
-                             nf4_tensor_bytes, param_counts, rank1_factorize, square_layer_lora_params)
+from minilora.memory import (
+    GB,
+    MiB,
+    ModelShape,
+    activation_bytes,
+    bits_per_param,
+    estimate,
+    lora_trainable_params,
+    nf4_tensor_bytes,
+    param_counts,
+    rank1_factorize,
+    square_layer_lora_params,
+)
 
 
 # ------------------------------------------------------------------------------------------------ shapes and counts
@@ -105,7 +116,7 @@ def test_activation_formula_korthikanti_eq2():
     s, b = 32, 2
     a = activation_bytes(sh, s, b)
     assert a["per_block"] == s * b * 64 * (34 + 5 * 4 * s / 64)
-    outside = 5 * s * b * 64 + 4 * s * b * 100                            # emb. dropout mask + ln_f, lm_head inputs + fp32 logits
+    outside = 5 * s * b * 64 + 4 * s * b * 100       # emb. dropout mask + ln_f, lm_head inputs + fp32 logits
     assert a["total"] == 3 * a["per_block"] + outside
     g = activation_bytes(sh, s, b, gradient_checkpointing=True)
     assert g["total"] == 3 * 2 * s * b * 64 + a["per_block"] + outside
@@ -158,7 +169,7 @@ def test_seeds_square_layer_table_2_sqrtN_r(r):
     # 2·√N·r for N = 7B, 13B, 70B, 180B. The table rounds loosely (270M for 270.9M, 1.8B for 1.87B: truncated;
     # 849k for 848.5k, 2M for 1.82M: rounded), so each printed value must equal our value rounded OR truncated
     # to the printed precision: |ours - printed| < one unit in the last printed place.
-    for N, printed in zip((7e9, 13e9, 70e9, 180e9), SQUARE_TABLE[r]):
+    for N, printed in zip((7e9, 13e9, 70e9, 180e9), SQUARE_TABLE[r], strict=True):
         ours = square_layer_lora_params(N, r)
         value, ulp = _parse(printed)
         assert abs(ours - value) < ulp, (N, r, ours, printed)

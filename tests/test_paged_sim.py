@@ -1,7 +1,6 @@
 """`minilora paged-sim`: the spike trace kills the unpaged run at the spike step and is survived with paging, for
 QLoRA 7B on 24 GB, 65B on 48 GB and the tiny real-array model; the --json shape; bad input is a clear ValueError."""
 import json
-import sys
 
 import pytest
 from hypothesis import given, settings

@@ -6,7 +6,6 @@ random generator lives on the model, so the loop's RNG checkpointing is tested o
 the real minilora.nn.GPT (full and LoRA) when it is importable.
 """
 import json
-import os
 
 import numpy as np
 import pytest
@@ -129,7 +128,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
     m3, o3 = make_run()                               # a new process: fresh model, optimizer, generators
     resumed = train(m3, o3, get_batch, checkpoint_dir=tmp_path / "b", checkpoint_every=3, **RUN)
     assert resumed.resumed_from == 6 and resumed.step == 12
-    for (n, a), b in zip(weights(m1).items(), weights(m3).values()):
+    for (n, a), b in zip(weights(m1).items(), weights(m3).values(), strict=True):
         assert np.array_equal(a, b), n                                            # bit-identical
     for n in o1.state:
         for k in ("exp_avg", "exp_avg_sq"):
@@ -148,7 +147,7 @@ def test_stop_and_continue_to_more_steps_equals_one_run(tmp_path):
     train(m2, o2, get_batch, checkpoint_dir=tmp_path, **dict(kw, max_steps=5))
     m3, o3 = make_run()
     train(m3, o3, get_batch, checkpoint_dir=tmp_path, **kw)
-    assert all(np.array_equal(a, b) for a, b in zip(weights(m1).values(), weights(m3).values()))
+    assert all(np.array_equal(a, b) for a, b in zip(weights(m1).values(), weights(m3).values(), strict=True))
 
 
 def test_without_the_dropout_state_resume_would_differ(tmp_path, monkeypatch):
@@ -192,7 +191,7 @@ def test_gradient_accumulation_equals_the_big_batch():
     big = (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
     m2 = TinyLM()
     train(m2, SGD(m2.named_parameters(), lr=0.5), lambda rng: big, max_steps=1, progress=False)
-    for a, b in zip(weights(m1).values(), weights(m2).values()):
+    for a, b in zip(weights(m1).values(), weights(m2).values(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
     assert not np.array_equal(weights(m1)["w2"], TinyLM().w2.data)
 
@@ -234,13 +233,17 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage, match):
     if damage == "truncate":
         tens.write_bytes(tens.read_bytes()[:-50])
     elif damage == "flip":
-        raw = bytearray(tens.read_bytes()); raw[-3] ^= 0x10; tens.write_bytes(bytes(raw))
+        raw = bytearray(tens.read_bytes())
+        raw[-3] ^= 0x10
+        tens.write_bytes(bytes(raw))
     elif damage == "json":
         js.write_text(js.read_text()[:40])
     elif damage == "delete":
         tens.unlink()
     else:
-        meta = json.loads(js.read_text()); del meta["sha256"]; js.write_text(json.dumps(meta))
+        meta = json.loads(js.read_text())
+        del meta["sha256"]
+        js.write_text(json.dumps(meta))
     m2, o2 = make_run()
     with pytest.raises(CorruptFileError, match=match):
         train(m2, o2, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=4))
@@ -370,5 +373,5 @@ def test_gpt_adapter_training_resumes_bit_identically(tmp_path, qlora):
     m3, o3 = tiny_lora_gpt(qlora)
     resumed = train(m3, o3, gpt_batch, checkpoint_dir=tmp_path, **kw)
     assert resumed.resumed_from == 3 and resumed.train_loss == full.train_loss
-    for (n, a), (_, b) in zip(m1.named_parameters(), m3.named_parameters()):
+    for (n, a), (_, b) in zip(m1.named_parameters(), m3.named_parameters(), strict=True):
         assert np.array_equal(a.data, b.data), n

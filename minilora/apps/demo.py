@@ -31,11 +31,12 @@ import platform
 import sys
 import time
 import tracemalloc
+from itertools import pairwise
 from pathlib import Path
 
 from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, decode, encode, load_corpus
-from minilora.io import save_json, save_safetensors, atomic_write_text
+from minilora.io import atomic_write_text, save_json, save_safetensors
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
 from minilora.pretrained import BASE_WEIGHTS, CHECKPOINT_DIR, eval_batches, load_base
 from minilora.train import evaluate, train
@@ -64,9 +65,8 @@ PROBE_STEPS = 2            # steps measured under tracemalloc (peak memory); exc
 # ------------------------------------------------------------------------------------------------- building
 def build(method: str, base_dir=None, seed: int = 0, r: int = R, alpha: float = ALPHA):
     """A fresh model for `method` on the base: (model, peft) with peft=None for full / last_layer."""
-    from minilora.peft import (LoraConfig, get_peft_model, prepare_model_for_kbit_training,  # noqa: PLC0415
-                               quantize_model)
-    _, kind, qt = METHODS[method] if method in METHODS else (None, "lora", None)
+    from minilora.peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, quantize_model
+    _, kind, qt = METHODS.get(method, (None, "lora", None))
     model, _ = load_base(base_dir)
     if kind == "full":
         return model, None
@@ -116,12 +116,12 @@ def finetune(model, corpus, s, seed: int, desc: str, progress: bool, probe_memor
                 seed=seed, progress=progress, desc=desc, log=probe)
     if tracemalloc.is_tracing():
         tracemalloc.stop()
-    res.cpu_time = [b - a for a, b in zip(cpu, cpu[1:])]
+    res.cpu_time = [b - a for a, b in pairwise(cpu)]
     return res, peak.get("bytes"), opt
 
 
 def run_method(method, corpora, s, seed, out: Path, base_dir, progress) -> dict:
-    from minilora.peft import memory_report  # noqa: PLC0415
+    from minilora.peft import memory_report
     gc.collect()
     tracemalloc.start()                              # counts the base's arrays too: they are allocated below
     try:
@@ -164,7 +164,8 @@ def run_method(method, corpora, s, seed, out: Path, base_dir, progress) -> dict:
 
 # ------------------------------------------------------------------------------------------- inference, swap
 def time_per_token(model, s, seed: int) -> float:
-    """Seconds per generated token (fastest of the repeats: the least disturbed by other processes): batch 1, a 32-byte prompt, s["infer_tokens"] new tokens."""
+    """Seconds per generated token (fastest of the repeats: the least disturbed by other processes): batch 1,
+    a 32-byte prompt, s["infer_tokens"] new tokens."""
     model.eval()
     prompt = asarray(encode("    def __init__(self, *args):\n")[None, :].astype("int64"))   # (1, 32)
     ts = []
@@ -177,7 +178,7 @@ def time_per_token(model, s, seed: int) -> float:
 
 def inference_rows(corpora, s, seed, out: Path, base_dir, lora_model, qlora_model) -> dict:
     """Base, unmerged LoRA, merged LoRA (reloaded from its PEFT folder), unmerged QLoRA: time/token and code loss."""
-    from minilora.peft import PeftModel  # noqa: PLC0415
+    from minilora.peft import PeftModel
     base, _ = load_base(base_dir)
     merged = PeftModel.from_pretrained(load_base(base_dir)[0], out / "adapters" / "lora_all").merge_and_unload()
     rows = {}
@@ -186,13 +187,14 @@ def inference_rows(corpora, s, seed, out: Path, base_dir, lora_model, qlora_mode
                           ("qlora_nf4_unmerged", "QLoRA NF4, unmerged (dequantize per matmul)", qlora_model)):
         if m is None:
             continue
-        rows[key] = {"label": label, "s_per_token": time_per_token(m, s, seed), "code_bits": bits(m, corpora["stdlib"], s)}
+        rows[key] = {"label": label, "s_per_token": time_per_token(m, s, seed),
+                     "code_bits": bits(m, corpora["stdlib"], s)}
     return rows
 
 
 def adapter_swap(peft, corpora, s, seed, out: Path, base_dir, progress) -> dict:
     """Train a second adapter ("idle") on the same frozen base; switch adapters and evaluate on every domain."""
-    from minilora.peft import LoraConfig  # noqa: PLC0415
+    from minilora.peft import LoraConfig
     idle = corpora["idle"]
     peft.add_adapter("idle", LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"),
                      rng=default_rng(seed + 1))
@@ -249,7 +251,8 @@ def format_table(result: dict) -> str:
     if sw:
         out += ["## Adapter swapping: two adapters on one frozen base (val bits/byte)", "",
                 "| active adapter | stdlib code | IDLE help HTML | docs (pretraining) |", "|---|---:|---:|---:|"]
-        out += [f"| {name} | {v['code']:.3f} | {v['idle_html']:.3f} | {v['docs']:.3f} |" for name, v in sw["rows"].items()]
+        out += [f"| {name} | {v['code']:.3f} | {v['idle_html']:.3f} | {v['docs']:.3f} |"
+                for name, v in sw["rows"].items()]
         ab = sw["adapter_bytes"]
         out += ["", f"Storage for both tasks: base {_kib(sw['base_bytes'])} once + adapters {_kib(ab['code'])} + "
                 f"{_kib(ab['idle'])} = {_kib(sw['base_bytes'] + ab['code'] + ab['idle'])}, versus two full "
@@ -341,7 +344,8 @@ def paper_notes(result: dict) -> list:
     if "lora_merged" in inf and "lora_unmerged" in inf and "base" in inf:
         b, u, g = (inf[k]["s_per_token"] for k in ("base", "lora_unmerged", "lora_merged"))
         notes.append(f"Inference (LoRA §4.1: no latency once merged): merged {1000 * g:.2f} ms/token vs base "
-                     f"{1000 * b:.2f} ({g / b:.2f}×); unmerged {1000 * u:.2f} ({u / b:.2f}×): the merged model runs exactly "
+                     f"{1000 * b:.2f} ({g / b:.2f}×); unmerged {1000 * u:.2f} ({u / b:.2f}×): the merged model runs "
+                     "exactly "
                      "the base's code on same-shaped arrays, so any gap is timing noise (fastest of "
                      f"{s['infer_repeats']} repeats).")
     sweep = result.get("sweep")
@@ -363,7 +367,8 @@ def paper_notes(result: dict) -> list:
 def build_parser():
     p = argparse.ArgumentParser(prog="minilora demo", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (≤ 60 s): 12 steps, short windows")
-    p.add_argument("--sweep-rank", action="store_true", help=f"instead of the table: LoRA all-linear r in {SWEEP_RANKS}")
+    p.add_argument("--sweep-rank", action="store_true",
+                   help=f"instead of the table: LoRA all-linear r in {SWEEP_RANKS}")
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps per method")
     p.add_argument("--batch-size", type=int, default=None)
@@ -409,7 +414,7 @@ def _finish(result, out: Path, fig_dirs, plot, t_start: float, files: str) -> in
     text = format_table(result)
     atomic_write_text(out / "table.md", text)
     save_json(out / "table.json", result)
-    from minilora.apps import demo_plots  # noqa: PLC0415 - matplotlib only when writing figures
+    from minilora.apps import demo_plots  # imported here: matplotlib only when writing figures
     for d in fig_dirs:
         plot(demo_plots, result, d)
     print(text)
@@ -469,7 +474,7 @@ def main(argv=None) -> int:
 # ------------------------------------------------------------------------------------------------- sample
 def sample_main(argv=None) -> int:
     """`minilora sample`: the same prompt and seed through the base and through a code adapter."""
-    from minilora.peft import PeftModel  # noqa: PLC0415
+    from minilora.peft import PeftModel
     p = argparse.ArgumentParser(prog="minilora sample", description=sample_main.__doc__)
     p.add_argument("--adapter", default=None, help="a PEFT adapter folder (e.g. runs/demo-*/adapters/lora_all); "
                                                    "default: train a quick LoRA adapter on stdlib code first")

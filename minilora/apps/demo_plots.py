@@ -11,7 +11,8 @@ weights is standardized, z = (w − mean) / std, the pooled z are sorted and plo
 Φ⁻¹((i − ½)/n). A straight diagonal means normal; tails bending away mean heavier (or lighter) tails than normal.
 
 Arrays come to the host with `minilora.backend.to_numpy`; the array math uses the module that owns them (no
-numpy import here, see tests/test_backend.py). Drawing and PNG writing go through `minilora.plotting` (deterministic PNGs).
+numpy import here, see tests/test_backend.py). Drawing and PNG writing go through `minilora.plotting`
+(deterministic PNGs).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def demo_figures(result: dict, out) -> list:
     for label, f in parts:
         vals = [f(rows[n]) / 2**20 for n in names]
         ax.bar(range(len(names)), vals, bottom=bottom, label=label)
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_xticks(range(len(names)), [rows[n]["label"] for n in names], rotation=25, ha="right", fontsize=8)
     ax.set(title="peak training memory (tracemalloc) and what fills it", ylabel="MiB")
     ax.legend(fontsize=8)
@@ -110,8 +111,7 @@ def layer_type(name: str):
 
 def roundtrip(W, scheme: str):
     """W (D_out, D_in) -> its reconstruction after blockwise (64) quantization with `scheme`."""
-    from minilora.quant import (dequantize_4bit, int8_blockwise_dequant, int8_blockwise_quant,  # noqa: PLC0415
-                                quantize_4bit)
+    from minilora.quant import dequantize_4bit, int8_blockwise_dequant, int8_blockwise_quant, quantize_4bit
     if scheme == "int8":
         q, absmax = int8_blockwise_quant(W, blocksize=64)
         return int8_blockwise_dequant(q, absmax, blocksize=64)
@@ -121,7 +121,7 @@ def roundtrip(W, scheme: str):
 
 def real_weight_errors(base_dir=None) -> dict:
     """{layer type: {scheme: |W − Ŵ| of every weight of that type (host array)}} and mean abs errors."""
-    from minilora.pretrained import load_base  # noqa: PLC0415
+    from minilora.pretrained import load_base
     model, _ = load_base(base_dir)
     errs, weights = {}, {}
     for name, p in model.named_parameters():
@@ -159,7 +159,7 @@ def real_weight_figures(out, base_dir=None, data=None) -> list:
     data = real_weight_errors(base_dir) if data is None else data
     types = [t for t in LAYER_TYPES if t in data]
     fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.6), sharey=True)
-    for ax, t in zip(axes, types):
+    for ax, t in zip(axes, types, strict=True):
         e = data[t]["errors"]
         hi = max(float(v.max()) for v in e.values())
         for sc in SCHEMES:

@@ -25,6 +25,7 @@ import numpy as np
 
 from minilora.plotting import pyplot, save_png
 
+
 def default_out_dir() -> Path:
     """The repository's figures/ folder when running from a checkout, else ./figures."""
     repo = Path(__file__).resolve().parents[2]
@@ -58,7 +59,7 @@ def fig_svd_truncation(out: Path, ctx: dict) -> list:
 
 def fig_double_quant_memory(out: Path, ctx: dict) -> list:
     """Bits per parameter (16, 4.5, 4.127) and the weights of LLaMA-7B / 65B stored each way (notebook 04)."""
-    from minilora.memory import bits_per_param, get_shape, param_counts  # noqa: PLC0415
+    from minilora.memory import bits_per_param, get_shape, param_counts
     plt = pyplot()
     schemes = [("bf16", 16.0), ("NF4\n4 + 32/64", bits_per_param(64, double_quant=False)),
                ("NF4 + DQ\n4 + 8/64 + 32/16384", bits_per_param(64, double_quant=True))]
@@ -72,12 +73,12 @@ def fig_double_quant_memory(out: Path, ctx: dict) -> list:
     models = ["llama-7b", "llama-65b"]
     x = np.arange(len(models))
     prev = None
-    for i, ((label, b), color) in enumerate(zip(schemes, ["#999999", "#4C72B0", "#55A868"])):
+    for i, ((label, b), color) in enumerate(zip(schemes, ["#999999", "#4C72B0", "#55A868"], strict=True)):
         gb = [param_counts(get_shape(m))["linear"] * b / 8 / 1e9 for m in models]
         rects = ax2.bar(x + (i - 1) * width, gb, width, label=label.replace("\n", ": "), color=color)
         ax2.bar_label(rects, labels=[f"{g:.1f}" for g in gb], fontsize=8)
         if i == 2:
-            for xi, g, g_prev in zip(x, gb, prev):
+            for xi, g, g_prev in zip(x, gb, prev, strict=True):
                 ax2.annotate(f"DQ saves {g_prev - g:.1f} GB", (xi + width, g), xytext=(0, 14),
                              textcoords="offset points", ha="center", fontsize=8, color="#2d6a3e")
         prev = gb
@@ -95,14 +96,14 @@ def _pinned():
 
 def fig_quant_error_hist(out: Path, ctx: dict) -> list:
     """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats."""
-    from minilora.quant.report import roundtrip  # noqa: PLC0415
+    from minilora.quant.report import roundtrip
     plt = pyplot()
     x = _pinned()
     families = [("8-bit: where the absmax is taken", ["int8 tensor-wise", "int8 row-wise", "int8 block-wise/64"],
                  np.linspace(-0.025, 0.025, 201)),
                 ("4-bit, block size 64", ["Int4/64", "FP4/64", "NF4/64", "NF4/64 + DQ"], np.linspace(-0.5, 0.5, 201))]
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for ax, (title, schemes, bins) in zip(axes, families):
+    for ax, (title, schemes, bins) in zip(axes, families, strict=True):
         for scheme in schemes:
             y, bits = roundtrip(x, scheme)
             e = (np.asarray(y) - x).ravel()
@@ -119,8 +120,14 @@ def fig_quant_error_hist(out: Path, ctx: dict) -> list:
 
 def fig_int8_outliers(out: Path, ctx: dict) -> list:
     """The outlier problem: 8 values of ±60 in the pinned matrix, int8 tensor-wise vs row-wise vs block-wise."""
-    from minilora.quant import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,  # noqa: PLC0415
-                                int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant)
+    from minilora.quant import (
+        int8_blockwise_dequant,
+        int8_blockwise_quant,
+        int8_tensorwise_dequant,
+        int8_tensorwise_quant,
+        int8_vectorwise_dequant,
+        int8_vectorwise_quant,
+    )
     plt = pyplot()
     x = _pinned()
     rng = np.random.default_rng(0)
@@ -136,7 +143,7 @@ def fig_int8_outliers(out: Path, ctx: dict) -> list:
     errs["block-wise/64 (8.5 bits)"] = int8_blockwise_dequant(q, a, blocksize=64) - x
     fig, ax = plt.subplots(figsize=(8, 3.6))
     bins = np.linspace(-0.25, 0.25, 201)
-    for (name, e), color in zip(errs.items(), ["C3", "C1", "C0"]):
+    for (name, e), color in zip(errs.items(), ["C3", "C1", "C0"], strict=True):
         e = np.asarray(e).ravel()[keep]
         counts, _ = np.histogram(e, bins=bins)
         ax.stairs(np.maximum(counts, 0.5), bins, lw=1.5, color=color, baseline=None,
@@ -150,16 +157,16 @@ def fig_int8_outliers(out: Path, ctx: dict) -> list:
 
 def fig_nf4_codebook(out: Path, ctx: dict) -> list:
     """NF4's 16 levels against the N(0,1) density (probability mass per code), next to FP4 and Int4."""
-    from statistics import NormalDist  # noqa: PLC0415
+    from statistics import NormalDist
 
-    from minilora.quant import get_4bit_type  # noqa: PLC0415
+    from minilora.quant import get_4bit_type
     plt = pyplot()
     normal = NormalDist()
     scale = normal.inv_cdf(0.9677083)                                # code ±1 sits at ±1.848 sigma
     t = np.linspace(-3.5, 3.5, 401)
     pdf = np.array([normal.pdf(v) for v in t])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
-    for ax, name in zip(axes, ["nf4", "fp4", "int4"]):
+    for ax, name in zip(axes, ["nf4", "fp4", "int4"], strict=True):
         levels = np.unique(np.asarray(get_4bit_type(name), dtype=np.float64)) * scale
         edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
         cdf = np.array([0.0 if e == -np.inf else 1.0 if e == np.inf else normal.cdf(e) for e in edges])
@@ -180,13 +187,13 @@ def fig_nf4_codebook(out: Path, ctx: dict) -> list:
 def fig_paged_memory_timeline(out: Path, ctx: dict) -> list:
     """Device memory of a QLoRA 65B run on 48 GB through a long-sequence spike, without and with paging
     (minilora.apps.paged_sim's own figure: same scenario, same seed as `minilora paged-sim`)."""
-    from minilora.apps import paged_sim  # noqa: PLC0415
+    from minilora.apps import paged_sim
     return [Path(paged_sim.write_figure(out / "paged_memory_timeline.png"))]
 
 
 def _demo_result(ctx: dict, key: str):
     """A demo result dict holding `key` ("methods" or "sweep") from --from-run folders, or None (run the demo)."""
-    from minilora.io import load_json  # noqa: PLC0415
+    from minilora.io import load_json
     for run in ctx.get("runs", ()):
         result = load_json(Path(run) / "table.json")
         if result.get(key):
@@ -196,7 +203,7 @@ def _demo_result(ctx: dict, key: str):
 
 def _run_demo(out: Path, extra: list) -> None:
     """`minilora demo` itself, in a scratch run folder, with its figures refreshed into `out`."""
-    from minilora.apps import demo  # noqa: PLC0415
+    from minilora.apps import demo
     with tempfile.TemporaryDirectory(prefix="minilora-figures-") as tmp:
         rc = demo.main(["--out", tmp, "--figures-dir", str(out), "--no-progress", *extra])
     if rc:
@@ -210,7 +217,7 @@ def fig_demo(out: Path, ctx: dict) -> list:
     if result is None:
         _run_demo(out, [])
     else:
-        from minilora.apps import demo_plots  # noqa: PLC0415
+        from minilora.apps import demo_plots
         demo_plots.demo_figures(result, out)
     return [out / f for f in FIGURES["demo"].files]
 
@@ -221,14 +228,14 @@ def fig_lora_rank_loss(out: Path, ctx: dict) -> list:
     if result is None:
         _run_demo(out, ["--sweep-rank"])
     else:
-        from minilora.apps import demo_plots  # noqa: PLC0415
+        from minilora.apps import demo_plots
         demo_plots.rank_sweep_figure(result, out)
     return [out / f for f in FIGURES["lora_rank_loss"].files]
 
 
 def fig_real_weights(out: Path, ctx: dict) -> list:
     """Round-trip error histograms of the shipped base's real weights per layer type, and their Q-Q plot."""
-    from minilora.apps import demo_plots  # noqa: PLC0415
+    from minilora.apps import demo_plots
     return [Path(p) for p in demo_plots.real_weight_figures(out)]
 
 

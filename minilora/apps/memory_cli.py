@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="llama-7b", help=f"one of {', '.join(MODELS)} (default llama-7b)")
     p.add_argument("--method", default="qlora", choices=list(METHOD_DEFAULTS))
     p.add_argument("--r", type=int, default=None, help="LoRA rank (default: lora 8, qlora 64)")
-    p.add_argument("--targets", default=None, help="'q,v', 'q,k,v,o', 'all-linear' (default: lora q,v; qlora all-linear)")
+    p.add_argument("--targets", default=None,
+                   help="'q,v', 'q,k,v,o', 'all-linear' (default: lora q,v; qlora all-linear)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,

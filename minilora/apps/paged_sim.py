@@ -46,8 +46,17 @@ from minilora.backend import default_rng, xp_current
 from minilora.nn.parameter import Parameter
 from minilora.optim.adamw import AdamW
 from minilora.optim.paged import PagedAdamW
-from minilora.optim.paged_pool import (DEFAULT_PAGE_SIZE, GB, KINDS, OutOfMemoryError, PagedPool, PagedTensor,
-                                       PagingStats, fmt_bytes, pcie_bandwidth)
+from minilora.optim.paged_pool import (
+    DEFAULT_PAGE_SIZE,
+    GB,
+    KINDS,
+    OutOfMemoryError,
+    PagedPool,
+    PagedTensor,
+    PagingStats,
+    fmt_bytes,
+    pcie_bandwidth,
+)
 
 
 # ------------------------------------------------------------------------------------------------------ scenarios
@@ -231,7 +240,7 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
             sample(t, "forward", seq_len)
             pool.free("activations")
             if scn.real:
-                for p, q in zip(params, ref):
+                for p, q in zip(params, ref, strict=True):
                     p.grad = rng.standard_normal(p.shape, dtype=xp.float32)
                     q.grad = p.grad.copy()
                 ref_opt.step()
@@ -256,9 +265,10 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
                paged_tensors=len(pool.tensors), state_tensors=2 * len(scn.numels),
                per_step=per_step, timeline=timeline)
     if scn.real and out["completed"]:
-        from minilora.backend import get_array_module  # noqa: PLC0415
+        from minilora.backend import get_array_module
         xp = get_array_module(params[0].data)
-        out["bit_identical_to_adamw"] = all(bool(xp.array_equal(p.data, q.data)) for p, q in zip(params, ref))
+        same = [bool(xp.array_equal(p.data, q.data)) for p, q in zip(params, ref, strict=True)]
+        out["bit_identical_to_adamw"] = all(same)
     return out
 
 
@@ -345,11 +355,11 @@ def summary(result: dict) -> str:
 def plot_timeline(result: dict, path) -> None:
     """Device memory over the trace, unpaged (top) and paged (bottom): weights, gradients, optimizer states on the
     device, activations, free; evictions (▼) and prefetches (▲) marked. Deterministic PNG written atomically."""
-    import matplotlib  # noqa: PLC0415 - plotting is optional
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - plotting is optional
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    import matplotlib  # imported here: plotting is optional
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here: plotting is optional
+    from matplotlib.figure import Figure
 
-    from minilora.io import atomic_write_bytes  # noqa: PLC0415
+    from minilora.io import atomic_write_bytes
     with matplotlib.rc_context():                                  # rcParams of the caller are left alone
         matplotlib.rcdefaults()                                      # and do not leak in: same bytes anywhere
         s = result["scenario"]
@@ -369,7 +379,7 @@ def plot_timeline(result: dict, path) -> None:
                              colors=[b[2] for b in bands], step="post")
             ax.axhline(budget, color="black", lw=0.8, ls="--")
             top = budget * 1.08
-            for e, xi in zip(tl, x):
+            for e, xi in zip(tl, x, strict=True):
                 if e["bytes_evicted"]:
                     ax.plot([xi + 0.25], [budget * 1.02], marker="v", color="#c44e52", ms=7)
                 if e["bytes_in"]:

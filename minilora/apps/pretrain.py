@@ -87,7 +87,8 @@ def run(args) -> dict:
     out = Path(args.out)
     t0, c0 = time.perf_counter(), time.process_time()
     res = train(model, opt, lambda rng: corpus.get_batch("train", B, T, rng), max_steps=args.steps,
-                max_grad_norm=DEFAULTS["max_grad_norm"], lr_schedule=get_cosine_schedule_with_warmup(warmup, args.steps),
+                max_grad_norm=DEFAULTS["max_grad_norm"],
+                lr_schedule=get_cosine_schedule_with_warmup(warmup, args.steps),
                 eval_every=args.eval_every, eval_batches=eval_batches(corpus, T, args.eval_windows),
                 checkpoint_dir=out / "checkpoint", checkpoint_every=max(args.eval_every, 100), resume=args.resume,
                 seed=args.seed, config=settings, progress=not args.no_progress, desc="pretrain")
@@ -99,7 +100,8 @@ def run(args) -> dict:
         "val_loss_nats": final, "val_bits_per_byte": final / LN2,
         "train_loss_last50_bits": sum(res.train_loss[-50:]) / len(res.train_loss[-50:]) / LN2,
         "eval_curve_bits": [[s, v / LN2] for s, v in res.eval_loss],
-        "train_time_s": wall, "train_cpu_time_s": cpu, "step_time_median_s": sorted(res.step_time)[len(res.step_time) // 2],
+        "train_time_s": wall, "train_cpu_time_s": cpu,
+        "step_time_median_s": sorted(res.step_time)[len(res.step_time) // 2],
         "resumed_from": res.resumed_from,
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},

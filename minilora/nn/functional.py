@@ -56,7 +56,7 @@ def embedding_backward(dy, idx, W_shape):
     if hasattr(xp.add, "at"):
         xp.add.at(dW, idx.reshape(-1), dy.reshape(-1, C))   # unbuffered add, so a token seen twice counts twice
     else:                                                   # older CuPy: the same scatter-add lives in cupyx
-        import cupyx  # noqa: PLC0415
+        import cupyx
         cupyx.scatter_add(dW, idx.reshape(-1), dy.reshape(-1, C))
     return dW
 

@@ -174,7 +174,7 @@ class GPT(Module):
         if idx.ndim != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.config.block_size:
+        if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         tr = self.transformer
         pos = xp.arange(T)                                         # (T,)

@@ -51,7 +51,7 @@ class Linear4bit(Module):
 
     @classmethod
     def from_linear(cls, linear: Linear, quant_type: str = "nf4", compress_statistics: bool = True,
-                    blocksize: int = 64) -> "Linear4bit":
+                    blocksize: int = 64) -> Linear4bit:
         """Quantize a Linear's weight (the bias stays in float, frozen). The Linear is not modified."""
         if not isinstance(linear, Linear):
             raise TypeError(f"Linear4bit.from_linear expects a Linear, got {type(linear).__name__}")

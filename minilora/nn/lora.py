@@ -123,7 +123,7 @@ class LoRALinear(Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
         if self.merged:
-            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge()
         for key in self.lora_A:
             trainable = key in names
@@ -143,7 +143,7 @@ class LoRALinear(Module):
             if not remaining and len(self.lora_A):
                 remaining = [next(iter(self.lora_A))]
                 warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{remaining[0]}.")
+                              f"{remaining[0]}.", stacklevel=2)
             self.set_adapter(remaining)
 
     def enable_adapters(self, enabled: bool):
@@ -178,7 +178,7 @@ class LoRALinear(Module):
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally "
-                          f"merging {','.join(n for n in names if n not in already)}.")
+                          f"merging {','.join(n for n in names if n not in already)}.", stacklevel=2)
         for name in names:
             if name in already:
                 continue
@@ -186,7 +186,7 @@ class LoRALinear(Module):
                 raise ValueError(f"cannot merge unknown adapter {name!r}; this layer has {list(self.lora_A)}")
             if isinstance(self.base_layer, Linear4bit):
                 warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding "
-                              "errors.")
+                              "errors.", stacklevel=2)
             W = self._base_weight()
             delta = self.get_delta_weight(name)                                 # (D_out, D_in)
             if safe_merge or isinstance(self.base_layer, Linear4bit):
@@ -205,7 +205,7 @@ class LoRALinear(Module):
     def unmerge(self):
         """Undo merge(): pop merged adapters last-in first-out and subtract their ΔW."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

@@ -95,7 +95,7 @@ class Module:
         for _, p in self.named_parameters():
             yield p
 
-    def get_submodule(self, target: str) -> "Module":
+    def get_submodule(self, target: str) -> Module:
         """The module at a dotted path ("" is self); AttributeError naming the missing part otherwise."""
         if target == "":
             return self
@@ -111,7 +111,7 @@ class Module:
             walked.append(part)
         return mod
 
-    def set_submodule(self, target: str, module: "Module") -> None:
+    def set_submodule(self, target: str, module: Module) -> None:
         """Replace the child at a dotted path (it must exist) by `module`, e.g. a Linear by a LoRALinear."""
         if not isinstance(module, Module):
             raise TypeError(f"set_submodule expects a Module, got {type(module).__name__}")
@@ -126,12 +126,12 @@ class Module:
         setattr(self, name, module)
 
     # ---- modes and gradients --------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for m in self.modules():
             m.training = mode
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     def zero_grad(self) -> None:
@@ -139,7 +139,7 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
-    def requires_grad_(self, requires_grad: bool = True) -> "Module":
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
         for p in self.parameters():
             p.requires_grad = requires_grad
         return self

@@ -34,7 +34,7 @@ def clip_grad_norm_(params, max_norm: float, norm_type: float = 2.0, error_if_no
             norms.append(float(xp.abs(g).max()) if g.size else 0.0)
     total = math.sqrt(math.fsum(n * n for n in norms)) if norm_type == 2.0 else max(norms)
     if not math.isfinite(total):
-        bad = [n for (n, _), v in zip(grads, norms) if not math.isfinite(v)]
+        bad = [n for (n, _), v in zip(grads, norms, strict=True) if not math.isfinite(v)]
         if error_if_nonfinite:
             raise ValueError(f"the total gradient norm is {total}: {len(bad)} of {len(grads)} gradients are "
                              f"non-finite, the first is {bad[0]!r}")

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from minilora.backend import get_array_module
 from minilora.optim.adamw import AdamW, adamw_update
-from minilora.optim.paged_pool import (GB, MiB, OutOfMemoryError, PagedPool, PagedTensor, PagingStats,  # noqa: F401
-                                       transfer_seconds)
+from minilora.optim.paged_pool import GB, MiB, OutOfMemoryError, PagedPool, PagedTensor, PagingStats, transfer_seconds  # noqa: F401
 
 
 class PagedAdamW(AdamW):

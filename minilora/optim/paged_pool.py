@@ -129,7 +129,7 @@ class PagingStats:
     bytes_prefetched: int = 0       # host -> device, bulk
     bytes_faulted: int = 0          # host -> device, on demand
 
-    def copy(self) -> "PagingStats":
+    def copy(self) -> PagingStats:
         return dataclasses.replace(self)
 
 
@@ -267,7 +267,7 @@ class PagedPool:
 
     def _host_zeros(self, n, dtype):
         if self.xp.__name__ == "cupy":
-            import cupyx  # noqa: PLC0415 - only on the GPU path
+            import cupyx  # imported here: only on the GPU path
             out = cupyx.empty_pinned((n,), dtype=dtype)   # page-locked host memory: what DMA transfers need
             out[...] = 0
             return out
@@ -277,7 +277,7 @@ class PagedPool:
         """device -> host (cudaMemcpy D2H into pinned memory on CuPy, a copy on NumPy)."""
         if page.tensor.has_data:
             if self.xp.__name__ == "cupy":
-                import cupyx  # noqa: PLC0415
+                import cupyx
                 page.host = cupyx.empty_pinned(page.device.shape, dtype=page.device.dtype)
                 page.device.get(out=page.host)
             else:

@@ -13,12 +13,22 @@ Files: `config.py` (LoraConfig, target matching), `model.py` (get_peft_model, Pe
 `save_and_load.py` (the adapter file format), `utils.py` (quantize_model, prepare_model_for_kbit_training,
 memory_report). Each mirrors the PEFT file of the same name.
 """
-from minilora.peft.config import (CONFIG_NAME, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, WEIGHTS_NAME,
-                                  LoraConfig, check_target_module_exists)
+from minilora.peft.config import (
+                                  CONFIG_NAME,
+                                  TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+                                  WEIGHTS_NAME,
+                                  LoraConfig,
+                                  check_target_module_exists,
+)
 from minilora.peft.model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
 from minilora.peft.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
-from minilora.peft.utils import (format_memory_report, memory_report, prepare_model_for_kbit_training,
-                                 print_memory_report, quantize_model)
+from minilora.peft.utils import (
+                                  format_memory_report,
+                                  memory_report,
+                                  prepare_model_for_kbit_training,
+                                  print_memory_report,
+                                  quantize_model,
+)
 
 __all__ = ["LoraConfig", "check_target_module_exists", "get_peft_model", "PeftModel", "LoraModel",
            "ModulesToSaveWrapper", "get_peft_model_state_dict", "set_peft_model_state_dict", "quantize_model",

@@ -27,7 +27,6 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from minilora.io import load_json, save_json
 
@@ -69,22 +68,22 @@ class LoraConfig:
     """PEFT's LoraConfig: same field names, same defaults, same validation (bad values raise ValueError)."""
     r: int = 8
     lora_alpha: float = 8
-    target_modules: Optional[Union[list, str]] = None
-    exclude_modules: Optional[Union[list, str]] = None
+    target_modules: list | str | None = None
+    exclude_modules: list | str | None = None
     lora_dropout: float = 0.0
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
-    modules_to_save: Optional[list] = None
-    init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[list, int]] = None
-    layers_pattern: Optional[Union[list, str]] = None
+    modules_to_save: list | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list | int | None = None
+    layers_pattern: list | str | None = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
-    task_type: Optional[str] = "CAUSAL_LM"
+    task_type: str | None = "CAUSAL_LM"
     inference_mode: bool = False
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
     peft_type: str = "LORA"
 
     def __post_init__(self):
@@ -154,7 +153,7 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "LoraConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> LoraConfig:
         """Build a config from a dict read from adapter_config.json (PEFT's or ours), refusing what we can't honour.
 
         Missing required keys -> ValueError naming them. Keys a newer PEFT writes are dropped when they are at their
@@ -187,7 +186,7 @@ class LoraConfig:
         save_json(Path(save_directory) / CONFIG_NAME, self.to_saved_dict())
 
     @classmethod
-    def from_pretrained(cls, directory) -> "LoraConfig":
+    def from_pretrained(cls, directory) -> LoraConfig:
         path = Path(directory) / CONFIG_NAME
         return cls.from_dict(load_json(path), source=str(path))
 

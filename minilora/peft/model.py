@@ -344,7 +344,7 @@ class PeftModel(Module):
 
     @classmethod
     def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        strict: bool = False, rng=None) -> "PeftModel":
+                        strict: bool = False, rng=None) -> PeftModel:
         """Wrap `model` with the adapter saved in folder `model_id` (ours or PEFT's).
 
         is_trainable=False (PEFT's default) freezes the adapter and puts the model in eval mode. strict=True turns

@@ -59,7 +59,7 @@ def adapter_parameters(base_model, adapter_name: str, config: LoraConfig) -> dic
                 out[f"{PREFIX}{path}.bias" if path else f"{PREFIX}bias"] = m.bias
     for path, m in base_model.named_modules():
         saved = getattr(m, "modules_to_save", None)
-        if saved is not None and adapter_name in saved.keys():
+        if saved is not None and adapter_name in saved:
             for name, p in saved[adapter_name].named_parameters():
                 out[f"{PREFIX}{path}.{name}"] = p
     return out

@@ -66,7 +66,7 @@ def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = T
 def prepare_model_for_kbit_training(model):
     """Freeze every parameter and cast float16/bfloat16 non-4-bit weights (norms, embeddings) to float32."""
     for m in model.modules():
-        for name, p in m._named_local_parameters():
+        for _name, p in m._named_local_parameters():
             p.requires_grad = False
             if isinstance(m, Linear4bit) and p is m.weight:
                 continue

@@ -10,11 +10,24 @@ Names and signatures follow `bitsandbytes.functional`; `minilora quantize-report
 """
 from minilora.quant.blockwise import dequantize_blockwise, quantize_blockwise, quantize_blockwise_lut
 from minilora.quant.checks import ALLOWED_BLOCKSIZES
-from minilora.quant.codebooks import (create_dynamic_map, create_fp8_map, create_normal_float_map, create_normal_map,
-                                      get_4bit_type, linspace_f32)
+from minilora.quant.codebooks import (
+                                      create_dynamic_map,
+                                      create_fp8_map,
+                                      create_normal_float_map,
+                                      create_normal_map,
+                                      get_4bit_type,
+                                      linspace_f32,
+)
 from minilora.quant.fourbit import dequantize_4bit, dequantize_absmax, quantize_4bit
-from minilora.quant.int8 import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,
-                                 int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant, outlier_demo)
+from minilora.quant.int8 import (
+                                      int8_blockwise_dequant,
+                                      int8_blockwise_quant,
+                                      int8_tensorwise_dequant,
+                                      int8_tensorwise_quant,
+                                      int8_vectorwise_dequant,
+                                      int8_vectorwise_quant,
+                                      outlier_demo,
+)
 from minilora.quant.state import QuantState
 
 __all__ = [

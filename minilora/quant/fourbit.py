@@ -31,8 +31,7 @@ Dequantization gathers two float32 values per packed byte from a 256-entry pair 
 from __future__ import annotations
 
 from minilora.backend import get_array_module, to_numpy
-from minilora.quant.blockwise import (chunk_size, dequantize_blockwise, nearest_code, quantize_blockwise,
-                                      scale_blocks)
+from minilora.quant.blockwise import chunk_size, dequantize_blockwise, nearest_code, quantize_blockwise, scale_blocks
 from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array
 from minilora.quant.codebooks import create_dynamic_map, get_4bit_type
 from minilora.quant.state import VALID_QUANT_TYPES, QuantState
@@ -134,7 +133,7 @@ def dequantize_4bit(A, quant_state: QuantState, out=None):
                                or not result.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous {qs.dtype} array of shape {qs.shape}, "
                          f"got {result.dtype} {tuple(result.shape)}")
-    if result is not None and n % 2 == 0:
+    if result is not None and n % 2 == 0:  # noqa: SIM108 - two cases, each with its own shape comment
         out = result.reshape(-1)                                         # (n,) write straight into the caller's
     else:
         out = xp.empty(2 * src.size, dtype=qs.dtype)                     # (2m,) the one full-size allocation

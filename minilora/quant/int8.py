@@ -107,7 +107,7 @@ def outlier_demo(n: int = 4096, outlier: float = 100.0, blocksize: int = 64, see
 
     With one 100 among N(0,1) values the tensor-wise step is 100/127 = 0.79, so most values round to 0; blocks
     confine the damage to the one block that holds the outlier."""
-    from minilora.backend import default_rng, xp_current  # noqa: PLC0415
+    from minilora.backend import default_rng, xp_current
     xp = xp or xp_current()
     x = default_rng(seed).standard_normal(n).astype(xp.float32)        # (n,)
     x[n // 2] = outlier

@@ -14,8 +14,14 @@ from __future__ import annotations
 from minilora.backend import default_rng, get_array_module
 from minilora.quant.blockwise import dequantize_blockwise, quantize_blockwise
 from minilora.quant.fourbit import dequantize_4bit, quantize_4bit
-from minilora.quant.int8 import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,
-                                 int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant)
+from minilora.quant.int8 import (
+    int8_blockwise_dequant,
+    int8_blockwise_quant,
+    int8_tensorwise_dequant,
+    int8_tensorwise_quant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)
 
 SCHEMES = ("int8 tensor-wise", "int8 row-wise", "int8 block-wise/64",
            "NF4/64", "NF4/64 + DQ", "FP4/64", "FP4/64 + DQ", "Int4/64", "Int4/64 + DQ", "8-bit dynamic/4096")

@@ -122,7 +122,7 @@ class QuantState:
         return arrays
 
     @classmethod
-    def from_dict(cls, qs_dict: dict, xp=None) -> "QuantState":
+    def from_dict(cls, qs_dict: dict, xp=None) -> QuantState:
         """Rebuild a QuantState from `as_dict` output (packed or not), with key prefixes such as "weight." allowed."""
         xp = xp or xp_current()
         d = dict(qs_dict)

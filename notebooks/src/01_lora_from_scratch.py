@@ -13,7 +13,7 @@
 # Everything runs on NumPy in a few seconds.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 
 import matplotlib
@@ -97,7 +97,7 @@ ks = [1, 2, 4, 8, 16, 32, 64, 128]
 err_s, pred_s, S_s = truncation_errors(structured, ks)
 err_g, pred_g, S_g = truncation_errors(gaussian, ks)
 print(" k   structured   gaussian")
-for k, a, b in zip(ks, err_s, err_g):
+for k, a, b in zip(ks, err_s, err_g, strict=True):
     print(f"{k:3d}   {a:10.4f}   {b:8.4f}")
 print(f"Eckart-Young check, max |measured - predicted| = {max(np.abs(err_s - pred_s).max(), np.abs(err_g - pred_g).max()):.1e}")
 

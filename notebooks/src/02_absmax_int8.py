@@ -6,7 +6,7 @@
 # fixes it the way LLM.int8 (one scale per row) and QLoRA (one scale per block) do.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 
 import matplotlib
@@ -14,8 +14,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
-from minilora.quant import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,
-                            int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant, outlier_demo)
+from minilora.quant import (
+    int8_blockwise_dequant,
+    int8_blockwise_quant,
+    int8_tensorwise_dequant,
+    int8_tensorwise_quant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+    outlier_demo,
+)
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
       f"| minilora {minilora.__version__} | backend {minilora.get_backend()}")
@@ -136,7 +143,7 @@ for name, (e, bits) in results.items():
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.4))
 bins = np.linspace(-0.25, 0.25, 201)
-for (name, (e, _)), color in zip(results.items(), ["C3", "C1", "C0"]):
+for (name, (e, _)), color in zip(results.items(), ["C3", "C1", "C0"], strict=True):
     ax.hist(e, bins=bins, histtype="step", lw=1.5, color=color, label=f"{name}: mean |err| {np.abs(e).mean():.4f}")
 ax.set(yscale="log", xlabel=r"$\hat x - x$ (non-outlier values)", ylabel="count",
        title="int8 error with 8 outliers of ±60 in a 1024×1024 N(0,1) matrix")

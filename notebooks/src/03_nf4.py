@@ -11,7 +11,7 @@
 # bitsandbytes' FP4 on Gaussian data and on real trained weights, and shows where the error goes.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 from statistics import NormalDist
 
@@ -90,7 +90,7 @@ def bin_masses(code):
 tables = {"NF4": get_4bit_type("nf4"), "FP4": get_4bit_type("fp4"), "Int4": get_4bit_type("int4")}
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), sharey=True)
 t = np.linspace(-3.5, 3.5, 400)
-for ax, (name, code) in zip(axes, tables.items()):
+for ax, (name, code) in zip(axes, tables.items(), strict=True):
     levels, mass = bin_masses(code)
     ax.plot(t, [normal.pdf(v) for v in t], "k", lw=1, label="N(0, 1) density")
     ax.bar(levels, mass, width=0.06, color="C1", label="mass per code")
@@ -141,7 +141,7 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
 bins = np.linspace(-0.5, 0.5, 201)
 centers = np.linspace(-3.5, 3.5, 57)
 which = np.digitize(x.ravel(), (centers[1:] + centers[:-1]) / 2)                 # (n,) bin of each x
-for qt, color in zip(["int4", "fp4", "nf4"], ["C2", "C1", "C0"]):
+for qt, color in zip(["int4", "fp4", "nf4"], ["C2", "C1", "C0"], strict=True):
     e = (x - deq[qt]).ravel()                                                     # (n,)
     ax1.hist(e, bins=bins, histtype="step", lw=1.5, color=color, label=f"{qt.upper()}  mean |err| {errors[qt]:.4f}")
     ax2.plot(centers, np.bincount(which, np.abs(e), 57) / np.maximum(np.bincount(which, minlength=57), 1),
@@ -226,7 +226,7 @@ plt.show()
 # %%
 def load_real_weights():
     """Linear weight matrices of minilora's shipped, pretrained base model, keyed by module path."""
-    from minilora import pretrained  # noqa: PLC0415 - shipped with the package by the demo piece
+    from minilora import pretrained  # imported here: shipped with the package by the demo piece
     model, meta = pretrained.load_base()
     return {n: p.data for n, p in model.named_parameters() if p.data.ndim == 2 and ".h." in n}
 
@@ -234,7 +234,7 @@ def load_real_weights():
 try:
     weights = load_real_weights()
     WEIGHTS_SOURCE = "minilora's shipped pretrained base checkpoint"
-except Exception as e:                                                           # noqa: BLE001
+except Exception as e:  # any failure to load the shipped base: say so and carry on
     # STAND-IN until the checkpoint ships: heavy-tailed (Student-t, 5 dof) matrices shaped like a small GPT's.
     rng = np.random.default_rng(1)
     weights = {f"stand_in.h.{i}.{name}": (0.02 * rng.standard_t(5, shape)).astype(np.float32)

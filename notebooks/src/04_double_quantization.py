@@ -7,7 +7,7 @@
 # saves and what it costs in error.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 
 import matplotlib
@@ -16,8 +16,14 @@ import numpy as np
 
 import minilora
 from minilora import memory
-from minilora.quant import (create_dynamic_map, dequantize_4bit, dequantize_absmax, dequantize_blockwise,
-                            quantize_4bit, quantize_blockwise)
+from minilora.quant import (
+    create_dynamic_map,
+    dequantize_4bit,
+    dequantize_absmax,
+    dequantize_blockwise,
+    quantize_4bit,
+    quantize_blockwise,
+)
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
       f"| minilora {minilora.__version__} | backend {minilora.get_backend()}")

@@ -7,7 +7,7 @@
 # `LoRALinear` layer to merge, unmerge and swap adapters.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 
 import numpy as np
@@ -95,7 +95,8 @@ def numerical_grad(f, theta, eps=1e-6):
     return g
 
 
-loss = lambda: np.sum(layer_forward(x, A, B)[0] * dy)       # dL/dy == dy
+def loss():
+    return np.sum(layer_forward(x, A, B)[0] * dy)       # dL/dy == dy
 for name, analytic, theta in [("dA", dA, A), ("dB", dB, B), ("dx", dx, x)]:
     num = numerical_grad(loss, theta)
     rel = np.abs(analytic - num).max() / np.abs(num).max()

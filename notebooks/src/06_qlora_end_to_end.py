@@ -11,7 +11,7 @@
 # 5. **generate** text before and after, and save the adapter in PEFT's file format.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 import tempfile
 import time
@@ -25,8 +25,14 @@ import minilora
 from minilora.backend import default_rng
 from minilora.data import LN2, decode, encode, load_corpus
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
-from minilora.peft import (LoraConfig, PeftModel, get_peft_model, memory_report, prepare_model_for_kbit_training,
-                           quantize_model)
+from minilora.peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    memory_report,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 from minilora.pretrained import eval_batches, load_base
 from minilora.train import evaluate, train
 
@@ -58,7 +64,7 @@ def val_bits(model):
     return evaluate(model, code_eval) / LN2, evaluate(model, docs_eval) / LN2
 
 
-print("base: code %.3f, docs %.3f bits/byte" % val_bits(base))
+print("base: code {:.3f}, docs {:.3f} bits/byte".format(*val_bits(base)))
 
 # %% [markdown]
 # What the base writes when prompted with Python code (the same prompt and seed are used after fine-tuning):
@@ -96,7 +102,7 @@ rep_q = memory_report(qbase)
 print(f"float32 base: {rep_fp['frozen_float'] + rep_fp['trainable']:,} bytes")
 print(f"NF4 base:     {rep_q['frozen_4bit']:,} bytes in 4-bit layers ({rep_q['bits_per_4bit_param']:.3f} bits/param) + "
       f"{rep_q['frozen_float']:,} bytes still float32 (embeddings, norms, lm_head, biases)")
-print("NF4 base: code %.3f, docs %.3f bits/byte (quantization cost before any training)" % val_bits(qbase))
+print("NF4 base: code {:.3f}, docs {:.3f} bits/byte (quantization cost before any training)".format(*val_bits(qbase)))
 
 # %% [markdown]
 # ## 3. Attach LoRA adapters

@@ -13,7 +13,7 @@
 # (48 GB) through a spike, with and without paging.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 import tempfile
 from pathlib import Path
@@ -22,8 +22,8 @@ import numpy as np
 from IPython.display import Image, display
 
 import minilora
-from minilora.nn.parameter import Parameter
 from minilora.apps import paged_sim
+from minilora.nn.parameter import Parameter
 from minilora.optim.adamw import AdamW
 from minilora.optim.paged import PagedAdamW
 from minilora.optim.paged_pool import GB, OutOfMemoryError, PagedPool, transfer_seconds
@@ -70,7 +70,7 @@ pool.allocate("activations", 28_000, "activations")                    # the spi
 show("during the long-sequence forward")
 pool.free("activations")
 show("after the backward")
-for start, stop, (m_page, v_page) in pool.iter_pages(m, v):           # the optimizer step: prefetch, then update
+for _start, _stop, (_m_page, _v_page) in pool.iter_pages(m, v):           # the optimizer step: prefetch, then update
     pass
 show("after the prefetch for the update")
 s = pool.stats
@@ -109,12 +109,12 @@ opt_ref = AdamW(p_ref, lr=1e-2)
 tight = PagedPool(budget_bytes=4 * 2**20, page_size=64 * 1024)
 opt_pag = PagedAdamW(p_pag, lr=1e-2, pool=tight)
 for g_step in grads:
-    for p, q, g in zip(p_ref, p_pag, g_step):
+    for p, q, g in zip(p_ref, p_pag, g_step, strict=True):
         p.grad, q.grad = g.copy(), g.copy()
     opt_ref.step()
     opt_pag.step()
     tight.evict_all()                                                 # a spike between every two steps
-same = all(np.array_equal(p.data, q.data) for p, q in zip(p_ref, p_pag))
+same = all(np.array_equal(p.data, q.data) for p, q in zip(p_ref, p_pag, strict=True))
 print(f"after 20 steps: parameters bit-identical: {same}; states moved {tight.stats.bytes_evicted / 2**20:.1f} MiB out "
       f"and {tight.stats.bytes_prefetched / 2**20:.1f} MiB back")
 

@@ -10,7 +10,7 @@
 # Units: GB = $10^9$ bytes (the papers' unit), MiB = $2^{20}$ bytes.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 
 import matplotlib
@@ -94,7 +94,7 @@ print(f"ratio full / QLoRA = {ests['full'].total_bytes / ests['qlora'].total_byt
 colors = dict(weights="#4C72B0", adapters="#DD8452", gradients="#55A868", optimizer_states="#C44E52",
               activations="#8172B3")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-for ax, model in zip(axes, ["llama-7b", "llama-65b"]):
+for ax, model in zip(axes, ["llama-7b", "llama-65b"], strict=True):
     bottom = np.zeros(3)
     es = [memory.estimate(model, m) for m in methods]
     for cat in memory.CATEGORIES:

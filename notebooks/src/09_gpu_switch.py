@@ -11,14 +11,13 @@
 # GPU (as in CI) it runs everything on NumPy and says so.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import platform
 import time
 
 import numpy as np
 
 import minilora
-from minilora import backend
 from minilora.backend import BackendUnavailableError, to_numpy, use_backend
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | minilora {minilora.__version__} "

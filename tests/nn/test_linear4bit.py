@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nn_reference import check_lora_grads, check_step_against_peft, rel_err, torch_gpt
 
-from minilora.nn import GPT, GPTConfig, Linear, Linear4bit, LoRALinear, Params4bit, QLoRALinear
 from minilora.backend import to_numpy
+from minilora.nn import GPT, GPTConfig, Linear, Linear4bit, LoRALinear, Params4bit, QLoRALinear
 from minilora.quant import dequantize_4bit, dequantize_absmax, quantize_4bit
 
 RNG = np.random.default_rng(4)
@@ -83,7 +83,7 @@ def test_failed_4bit_load_changes_nothing():
     sd["1.weight.absmax"] = sd["1.weight.absmax"][:-1]               # layer 1 corrupt, layer 0 fine
     with pytest.raises(ValueError, match="absmax must hold 32"):
         b.load_state_dict(sd)
-    for m, y in zip(b, before):
+    for m, y in zip(b, before, strict=True):
         np.testing.assert_array_equal(m(x), y)
 
 

@@ -18,7 +18,7 @@ def run_minilora(init, grads, xp, **kw):
     params = [Parameter(xp.asarray(a.copy())) for a in init]
     opt = AdamW(params, **kw)
     for gs in grads:
-        for p, g in zip(params, gs):
+        for p, g in zip(params, gs, strict=True):
             p.grad = xp.asarray(g)
         opt.step()
     return [np.asarray(p.data.get() if hasattr(p.data, "get") else p.data) for p in params]
@@ -28,7 +28,7 @@ def run_torch(torch, init, grads, **kw):
     params = [torch.nn.Parameter(torch.tensor(a.copy())) for a in init]
     opt = torch.optim.AdamW(params, foreach=False, **kw)
     for gs in grads:
-        for p, g in zip(params, gs):
+        for p, g in zip(params, gs, strict=True):
             p.grad = torch.tensor(g)
         opt.step()
     return [p.detach().numpy() for p in params]
@@ -44,7 +44,7 @@ def test_trajectory_matches_torch(xp, dtype, rtol, weight_decay):
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     ours = run_minilora(init, grads, xp, **kw)
     ref = run_torch(torch, init, grads, **kw)
-    for a, b, a0 in zip(ours, ref, init):
+    for a, b, a0 in zip(ours, ref, init, strict=True):
         assert a.dtype == dtype
         assert not np.array_equal(a, a0)                      # it moved
         # relative to the distance travelled, so a parameter near zero does not hide an error
@@ -53,7 +53,8 @@ def test_trajectory_matches_torch(xp, dtype, rtol, weight_decay):
 
 def test_first_step_by_hand():
     # t=1: m = (1-b1) g, v = (1-b2) g², so the bias-corrected step is lr·g/(|g| + eps) = lr·sign(g) for large |g|
-    p = np.array([1.0, -2.0]); g = np.array([3.0, -4.0])
+    p = np.array([1.0, -2.0])
+    g = np.array([3.0, -4.0])
     m, v = np.zeros(2), np.zeros(2)
     adamw_update(p, g, m, v, 1, 0.1, 0.9, 0.999, 1e-8, 0.5)
     expect = np.array([1.0, -2.0]) * (1 - 0.1 * 0.5) - 0.1 * np.array([3.0, -4.0]) / (np.array([3.0, 4.0]) + 1e-8)
@@ -91,9 +92,10 @@ def test_per_parameter_step_counts_like_torch():
             skip = i == 1 and t < 3            # the second parameter gets its first gradient at t = 3
             ours[i].grad = None if skip else g[i].copy()
             ref[i].grad = None if skip else torch.tensor(g[i])
-        o1.step(); o2.step()
+        o1.step()
+        o2.step()
     assert o1.state["1"]["step"] == 3 and o1.step_count == 6
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a.data, b.detach().numpy(), rtol=1e-12)
 
 
@@ -161,7 +163,9 @@ def test_not_a_parameter_is_a_type_error():
 def test_update_is_bounded_by_lr(lr, b1, b2, g, step):
     # with zero initial moments and no weight decay, one Adam step never moves a parameter by more than
     # lr·(1−β1)/√(1−β2)/(1−β1ᵗ)·√(1−β2ᵗ), which is lr on the first step: the step size is set by lr, not by |g|
-    p = np.zeros(1); m = np.zeros(1); v = np.zeros(1)
+    p = np.zeros(1)
+    m = np.zeros(1)
+    v = np.zeros(1)
     adamw_update(p, np.array([g]), m, v, step, lr, b1, b2, 1e-8, 0.0)
     bound = lr * (1 - b1) / np.sqrt(1 - b2) / (1 - b1 ** step) * np.sqrt(1 - b2 ** step)
     assert abs(p[0]) <= bound * (1 + 1e-12)

@@ -20,14 +20,14 @@ def test_matches_torch(xp, max_norm, norm_type, dtype, rtol):
     ours = [Parameter(xp.zeros(g.shape, dtype=dtype)) for g in grads]
     ref = [torch.nn.Parameter(torch.zeros(g.shape, dtype=torch.float64 if dtype == np.float64 else torch.float32))
            for g in grads]
-    for p, q, g in zip(ours, ref, grads):
+    for p, q, g in zip(ours, ref, grads, strict=True):
         p.grad = xp.asarray(g.copy())
         q.grad = torch.tensor(g.copy())
     total = clip_grad_norm_(ours, max_norm, norm_type)
     total_ref = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type).item()
     assert isinstance(total, float)
     assert total == pytest.approx(total_ref, rel=rtol)
-    for p, q in zip(ours, ref):
+    for p, q in zip(ours, ref, strict=True):
         g = p.grad.get() if hasattr(p.grad, "get") else p.grad
         np.testing.assert_allclose(g, q.grad.numpy(), rtol=rtol, atol=0)
 
@@ -42,7 +42,8 @@ def test_skips_missing_grads_and_accepts_named_pairs():
 
 
 def test_nonfinite_gradient():
-    a = Parameter(np.zeros(3)); a.grad = np.array([1.0, np.nan, 2.0])
+    a = Parameter(np.zeros(3))
+    a.grad = np.array([1.0, np.nan, 2.0])
     with pytest.raises(ValueError, match="1 of 1 gradients are non-finite, the first is '0'"):
         clip_grad_norm_([a], 1.0, error_if_nonfinite=True)
     with pytest.raises(ValueError, match="max_norm"):
@@ -53,7 +54,8 @@ def test_nonfinite_gradient():
 @given(values=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=20), max_norm=st.floats(1e-3, 1e3))
 def test_clipped_norm_never_exceeds_max_and_direction_is_kept(values, max_norm):
     g0 = np.array(values)
-    p = Parameter(np.zeros_like(g0)); p.grad = g0.copy()
+    p = Parameter(np.zeros_like(g0))
+    p.grad = g0.copy()
     total = clip_grad_norm_([p], max_norm)
     assert total == pytest.approx(np.linalg.norm(g0), rel=1e-12, abs=1e-300)
     assert np.linalg.norm(p.grad) <= max_norm * (1 + 1e-12) or total <= max_norm

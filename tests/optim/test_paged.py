@@ -167,7 +167,7 @@ def test_budget_never_exceeded_bytes_come_back_identical_no_page_lost(page_elems
         n_pages = sum(len(t.pages) for t in tensors)
         assert sum(p.where == "device" for t in tensors for p in t.pages) + \
             sum(p.where == "host" for t in tensors for p in t.pages) == n_pages
-        for t, values in zip(tensors, truth):
+        for t, values in zip(tensors, truth, strict=True):
             np.testing.assert_array_equal(to_numpy(pool.gather(t)), values)
     assert pool.peak_device_bytes <= budget
     back = pool.stats.prefetches + pool.stats.page_faults > 0
@@ -182,7 +182,7 @@ def _twin_runs(xp, shapes, steps, pool, seed, between=None):
     b = [Parameter(p.data.copy()) for p in a]
     ref, paged = AdamW(a, lr=1e-2, weight_decay=0.1), PagedAdamW(b, lr=1e-2, weight_decay=0.1, pool=pool)
     for t in range(steps):
-        for p, q in zip(a, b):
+        for p, q in zip(a, b, strict=True):
             p.grad = xp.asarray(rng.standard_normal(p.shape).astype(np.float32))
             q.grad = p.grad.copy()
         ref.step()
@@ -209,7 +209,7 @@ def test_paged_adamw_matches_adamw_bit_for_bit_under_evictions(page_elems, prefe
         pool.check()
 
     a, b, _, _ = _twin_runs(np, shapes, steps, pool, seed, spike_then_free)
-    for p, q in zip(a, b):
+    for p, q in zip(a, b, strict=True):
         assert np.array_equal(p.data, q.data)
     assert pool.peak_device_bytes <= 40_000
 
@@ -219,7 +219,7 @@ def test_paged_adamw_matches_adamw_with_every_page_evicted_every_step(xp):
     a, b, ref, paged = _twin_runs(xp, [(300, 400), (512,), (100_000,)], 5, pool, 0, lambda pool, t: pool.evict_all())
     assert pool.stats.bytes_evicted == 5 * 2 * 4 * (120_000 + 100_000)
     assert pool.stats.bytes_prefetched == 4 * 2 * 4 * (120_000 + 100_000)   # steps 2..5 bring everything back
-    for p, q in zip(a, b):
+    for p, q in zip(a, b, strict=True):
         assert bool(xp.array_equal(p.data, q.data))
     sd = paged.state_dict()                                            # paged buffers come out as plain arrays
     ref_sd = ref.state_dict()
@@ -261,7 +261,7 @@ def test_tiny_gpt_trains_bit_identically_with_paged_adamw_under_evictions():
             opt.zero_grad()
             losses.append(loss)
         assert losses[0] == losses[1]                                   # same bits in, same loss out
-        for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters()):
+        for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters(), strict=True):
             assert np.array_equal(p.data, q.data), (step, name)        # the whole trajectory, not just the end
         pool.step = step
         pool.allocate("activations", 900_000, "activations")          # a spike evicts ~0.9 MB of state pages
@@ -270,7 +270,7 @@ def test_tiny_gpt_trains_bit_identically_with_paged_adamw_under_evictions():
     paged = [s["exp_avg"] for s in paged_opt.state.values() if isinstance(s["exp_avg"], PagedTensor)]
     assert len(paged) == 2 and pool.stats.bytes_evicted > 5 * 800_000 and pool.stats.bytes_prefetched > 0
     assert pool.peak_device_bytes <= pool.budget_bytes
-    for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters()):
+    for (name, p), (_, q) in zip(ref_model.named_parameters(), paged_model.named_parameters(), strict=True):
         assert np.array_equal(p.data, q.data), name
 
 

@@ -21,11 +21,12 @@ def test_trajectory_matches_torch(xp, kw, dtype, rtol):
     ref = [torch.nn.Parameter(torch.tensor(a.copy())) for a in init]
     o1, o2 = SGD(ours, **kw), torch.optim.SGD(ref, foreach=False, **kw)
     for gs in grads:
-        for p, q, g in zip(ours, ref, gs):
+        for p, q, g in zip(ours, ref, gs, strict=True):
             p.grad = xp.asarray(g)
             q.grad = torch.tensor(g)
-        o1.step(); o2.step()
-    for p, q, a0 in zip(ours, ref, init):
+        o1.step()
+        o2.step()
+    for p, q, a0 in zip(ours, ref, init, strict=True):
         a = p.data.get() if hasattr(p.data, "get") else p.data
         np.testing.assert_allclose(a, q.detach().numpy(), rtol=rtol, atol=rtol * np.abs(a - a0).max())
 
@@ -46,13 +47,16 @@ def test_state_dict_round_trip():
     o1 = SGD([("w", p1)], lr=0.1, momentum=0.9)
     gs = [rng.standard_normal(5) for _ in range(6)]
     for g in gs[:3]:
-        p1.grad = g; o1.step()
+        p1.grad = g
+        o1.step()
     p2 = Parameter(p1.data.copy())
     o2 = SGD([("w", p2)], lr=0.1, momentum=0.9)
     o2.load_state_dict(o1.state_dict())
     for g in gs[3:]:
-        p1.grad = g.copy(); o1.step()
-        p2.grad = g.copy(); o2.step()
+        p1.grad = g.copy()
+        o1.step()
+        p2.grad = g.copy()
+        o2.step()
     np.testing.assert_array_equal(p1.data, p2.data)
 
 

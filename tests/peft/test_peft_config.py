@@ -4,8 +4,14 @@ import json
 import pytest
 
 from minilora.io import CorruptFileError
-from minilora.peft.config import (CONFIG_NAME, SAVED_KEYS, LoraConfig, check_target_module_exists, find_targets,
-                                  resolve_target_modules)
+from minilora.peft.config import (
+    CONFIG_NAME,
+    SAVED_KEYS,
+    LoraConfig,
+    check_target_module_exists,
+    find_targets,
+    resolve_target_modules,
+)
 
 GPT2_NAMES = ["", "transformer", "transformer.wte", "transformer.wpe", "transformer.h", "transformer.h.0",
               "transformer.h.0.ln_1", "transformer.h.0.attn", "transformer.h.0.attn.c_attn",

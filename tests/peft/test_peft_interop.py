@@ -24,7 +24,7 @@ CFG = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
 def randomize_B(pm, seed=0):
     rng = np.random.default_rng(seed)
     for _, m in pm.base_model.lora_layers():
-        for name, lin in m.lora_B.items():
+        for _name, lin in m.lora_B.items():
             B = lin.weight                                            # (D_out, r)
             B.data[...] = rng.standard_normal(B.data.shape).astype(B.data.dtype) * 0.3
 

@@ -2,7 +2,6 @@
 import io
 import json
 import os
-import warnings
 from contextlib import redirect_stdout
 
 import numpy as np
@@ -200,7 +199,7 @@ def test_save_load_round_trip_is_exact(tmp_path_factory, r, alpha, rslora, targe
     logits, _ = pm(idx)
     pm.save_pretrained(d)
     back = PeftModel.from_pretrained(gpt(), d)
-    for (n1, a), (n2, b) in zip(pm.base_model.lora_layers(), back.base_model.lora_layers()):
+    for (n1, a), (n2, b) in zip(pm.base_model.lora_layers(), back.base_model.lora_layers(), strict=True):
         assert n1 == n2
         assert np.array_equal(a.lora_A["default"].weight.data, b.lora_A["default"].weight.data)
         assert np.array_equal(a.lora_B["default"].weight.data, b.lora_B["default"].weight.data)

@@ -12,8 +12,15 @@ from minilora.backend import default_rng
 from minilora.nn import GPT, GPTConfig, Linear, LoRALinear
 from minilora.nn.linear4bit import Linear4bit
 from minilora.optim.adamw import AdamW
-from minilora.peft import (LoraConfig, PeftModel, format_memory_report, get_peft_model, memory_report,
-                           prepare_model_for_kbit_training, quantize_model)
+from minilora.peft import (
+    LoraConfig,
+    PeftModel,
+    format_memory_report,
+    get_peft_model,
+    memory_report,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 
 CFG = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -85,7 +92,7 @@ def test_fresh_qlora_adapter_is_a_no_op_and_trains_without_touching_nf4():
     assert np.array_equal(pm(idx)[0], ref)
     opt = AdamW(pm.named_parameters(), lr=1e-2)
     losses = []
-    for step in range(4):
+    for _step in range(4):
         pm.zero_grad()
         _, loss = pm(idx, tgt)
         losses.append(loss)

@@ -4,7 +4,7 @@ import pytest
 from quant_reference import errors
 
 from minilora import backend
-from minilora.quant import (create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_blockwise_lut)
+from minilora.quant import create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_blockwise_lut
 
 
 def test_golden_exact_nearest(pinned):

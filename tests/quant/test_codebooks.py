@@ -2,8 +2,14 @@
 import numpy as np
 import pytest
 
-from minilora.quant import (create_dynamic_map, create_fp8_map, create_normal_float_map, create_normal_map,
-                            get_4bit_type, linspace_f32)
+from minilora.quant import (
+    create_dynamic_map,
+    create_fp8_map,
+    create_normal_float_map,
+    create_normal_map,
+    get_4bit_type,
+    linspace_f32,
+)
 from minilora.quant.codebooks import NF4_CODE, midpoints
 
 # quantization.md §1.3: the 15 float32 decision thresholds of NF4

@@ -11,11 +11,16 @@ from quant_reference import errors
 
 from minilora import backend
 from minilora.io import load_safetensors, save_safetensors
-from minilora.quant import (ALLOWED_BLOCKSIZES, QuantState, dequantize_4bit, dequantize_absmax, get_4bit_type,
-                            quantize_4bit)
+from minilora.quant import (
+    ALLOWED_BLOCKSIZES,
+    QuantState,
+    dequantize_4bit,
+    dequantize_absmax,
+    get_4bit_type,
+    quantize_4bit,
+)
 from minilora.quant.codebooks import midpoints
 from minilora.quant.report import pinned_input
-
 
 # --- §2.2 worked examples: exact bytes ------------------------------------------------------------------------------
 
@@ -124,7 +129,7 @@ BNB_REL = {
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_reference_accuracy_table(quant_type):
     x = np.random.default_rng(1).standard_normal((1024, 1024)).astype(np.float32)   # a fresh randn, not the pinned
-    for bs, want_abs, want_rel in zip(ALLOWED_BLOCKSIZES, BNB_TABLE[quant_type], BNB_REL[quant_type]):
+    for bs, want_abs, want_rel in zip(ALLOWED_BLOCKSIZES, BNB_TABLE[quant_type], BNB_REL[quant_type], strict=True):
         p, st = quantize_4bit(x, blocksize=bs, quant_type=quant_type)
         a, r = errors(x, dequantize_4bit(p, st))
         assert abs(a - want_abs) < 5e-4, (bs, a, want_abs)                # bnb: mean over 200 samples

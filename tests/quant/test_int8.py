@@ -3,8 +3,15 @@ import numpy as np
 import pytest
 
 from minilora import backend
-from minilora.quant import (int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,
-                            int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant, outlier_demo)
+from minilora.quant import (
+    int8_blockwise_dequant,
+    int8_blockwise_quant,
+    int8_tensorwise_dequant,
+    int8_tensorwise_quant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+    outlier_demo,
+)
 
 
 def test_rowwise_golden_numbers():

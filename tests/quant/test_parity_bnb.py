@@ -16,12 +16,22 @@ import pytest
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
-from minilora.quant import (QuantState, create_dynamic_map, create_normal_map, dequantize_4bit,  # noqa: E402
-                            dequantize_blockwise, get_4bit_type, int8_vectorwise_dequant, int8_vectorwise_quant,
-                            quantize_4bit, quantize_blockwise, quantize_blockwise_lut)
-from minilora.quant.codebooks import midpoints  # noqa: E402
-
 from bnb_oracle import BnbOracle, hand_dequantize_4bit  # noqa: E402
+
+from minilora.quant import (  # noqa: E402
+    QuantState,
+    create_dynamic_map,
+    create_normal_map,
+    dequantize_4bit,
+    dequantize_blockwise,
+    get_4bit_type,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+    quantize_4bit,
+    quantize_blockwise,
+    quantize_blockwise_lut,
+)
+from minilora.quant.codebooks import midpoints  # noqa: E402
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SHAPES = [(1,), (2,), (3,), (31,), (64,), (65,), (127,), (1000,), (4097,), (5001,), (33, 17), (8, 64),

@@ -17,10 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minilora import backend
-from minilora.quant import (ALLOWED_BLOCKSIZES, dequantize_4bit, dequantize_blockwise, get_4bit_type,
-                            int8_blockwise_dequant, int8_blockwise_quant, int8_tensorwise_dequant,
-                            int8_tensorwise_quant, int8_vectorwise_dequant, int8_vectorwise_quant, quantize_4bit,
-                            quantize_blockwise)
+from minilora.quant import (
+    ALLOWED_BLOCKSIZES,
+    dequantize_4bit,
+    dequantize_blockwise,
+    get_4bit_type,
+    int8_blockwise_dequant,
+    int8_blockwise_quant,
+    int8_tensorwise_dequant,
+    int8_tensorwise_quant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+    quantize_4bit,
+    quantize_blockwise,
+)
 from minilora.quant.codebooks import create_dynamic_map
 
 # The xp fixture only selects the backend (the same for every example), so reusing it across examples is safe.

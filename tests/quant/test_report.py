@@ -38,6 +38,6 @@ def test_main_prints_table(capsys):
 
 
 def test_python_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "minilora", "quantize-report", "--rows", "8", "--cols", "64"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "minilora", "quantize-report", "--rows", "8", "--cols", "64"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "NF4/64 + DQ" in r.stdout
