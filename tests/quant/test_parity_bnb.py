@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
 from bnb_oracle import BnbOracle, hand_dequantize_4bit  # noqa: E402
+from parity_cases import BLOCKSIZES, parity_cases  # noqa: E402
 
 from minilora.quant import (  # noqa: E402
     QuantState,
@@ -31,11 +32,6 @@ from minilora.quant import (  # noqa: E402
     quantize_blockwise,
     quantize_blockwise_lut,
 )
-from minilora.quant.codebooks import midpoints  # noqa: E402
-
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-SHAPES = [(1,), (2,), (3,), (31,), (64,), (65,), (127,), (1000,), (4097,), (5001,), (33, 17), (8, 64),
-          (2, 3, 5), (3, 7, 129), (4, 1024)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,27 +43,6 @@ def _no_torch_compile():
     torch._dynamo.config.disable = old
 
 
-def awkward(shape, dtype, rng, kind):
-    """Inputs that probe the edges: plain, huge, tiny/subnormal, exact midpoints, zero blocks, ties, mixed scales."""
-    n = int(np.prod(shape))
-    x = rng.standard_normal(n)
-    if kind == "huge":
-        x *= 1e4 if dtype == np.float16 else 1e36
-    elif kind == "tiny":
-        x *= 1e-6 if dtype == np.float16 else 1e-39      # float32 subnormals (and fp16 subnormals)
-    elif kind == "midpoints":                            # every value exactly on a decision threshold (absmax 1)
-        mid = np.concatenate([midpoints(get_4bit_type("nf4"))[0], midpoints(get_4bit_type("fp4"))[0]])
-        x = rng.choice(np.concatenate([mid, [1.0, -1.0, 0.0]]), n)
-        x[::64] = 1.0
-    elif kind == "zeros":
-        x[: n // 2] = 0.0                                # whole all-zero blocks (and a zero partial block)
-        x[rng.random(n) < 0.2] = 0.0
-    elif kind == "mixed":
-        x *= 10.0 ** rng.uniform(-20, 20, n) if dtype != np.float16 else 10.0 ** rng.uniform(-3, 3, n)
-        x[rng.random(n) < 0.1] *= -1
-    return x.astype(dtype).reshape(shape)
-
-
 def bnb_quant(x, blocksize, quant_type, dq=False):
     p, s = F.quantize_4bit(torch.from_numpy(np.ascontiguousarray(x)), blocksize=blocksize, quant_type=quant_type,
                            compress_statistics=dq)
@@ -77,24 +52,18 @@ def bnb_quant(x, blocksize, quant_type, dq=False):
 def quantize_parity_cases(quant_type, dtype, bnb_dequantize_4bit):
     """Every (kind, shape, blocksize) case: bytes and absmax identical to bnb's; dequantized output checked against
     code[q] * absmax first, bnb's dequantize_4bit second (bnb_oracle.py). Returns the oracle and the case count."""
-    rng = np.random.default_rng(7)
     oracle, checked = BnbOracle(), 0
-    for kind in ("plain", "huge", "tiny", "midpoints", "zeros", "mixed"):
-        for shape in SHAPES:
-            for bs in BLOCKSIZES:
-                if kind != "plain" and bs not in (32, 64, 4096) and shape not in [(65,), (4097,), (3, 7, 129)]:
-                    continue                             # the odd kinds on a subset keeps this under ~10 s
-                x = awkward(shape, dtype, rng, kind)
-                packed, st = quantize_4bit(x, blocksize=bs, quant_type=quant_type)
-                tp, ts = bnb_quant(x, bs, quant_type)
-                where = f"{kind} {shape} bs={bs} {dtype.__name__} {quant_type}"
-                assert packed.shape == tuple(tp.shape), where
-                assert np.array_equal(packed, tp.numpy()), where
-                assert np.array_equal(st.absmax.view(np.uint32), ts.absmax.numpy().view(np.uint32)), where
-                y = dequantize_4bit(packed, st)
-                ty = bnb_dequantize_4bit(tp, ts).numpy().reshape(x.shape)
-                oracle.check("dequantize_4bit", y, hand_dequantize_4bit(packed, st), ty, bs, where)
-                checked += 1
+    for kind, shape, bs, x in parity_cases(dtype):
+        packed, st = quantize_4bit(x, blocksize=bs, quant_type=quant_type)
+        tp, ts = bnb_quant(x, bs, quant_type)
+        where = f"{kind} {shape} bs={bs} {dtype.__name__} {quant_type}"
+        assert packed.shape == tuple(tp.shape), where
+        assert np.array_equal(packed, tp.numpy()), where
+        assert np.array_equal(st.absmax.view(np.uint32), ts.absmax.numpy().view(np.uint32)), where
+        y = dequantize_4bit(packed, st)
+        ty = bnb_dequantize_4bit(tp, ts).numpy().reshape(x.shape)
+        oracle.check("dequantize_4bit", y, hand_dequantize_4bit(packed, st), ty, bs, where)
+        checked += 1
     return oracle, checked
 
 
