@@ -8,7 +8,8 @@ memory bandwidth (measured by a large np.copyto) that was reached; then the peak
 quantizing, beyond the outputs themselves, at two input sizes: minilora works in cache-sized chunks, so it must not
 grow with the input.
 
-Targets (issue 2): quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel.
+Targets: quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel. The reference quantizer
+(minilora/quant/reference.py, the readable version that gives the same bytes) is timed on the same input, for scale.
 Both libraries run single-threaded by default (NumPy's elementwise ops are single-threaded; bitsandbytes gets
 OMP_NUM_THREADS and torch.set_num_threads = --threads). OpenBLAS is not involved in any of these operations.
 """
@@ -32,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", _threads or "1")
 import numpy as np  # noqa: E402
 
 from minilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from minilora.quant.reference import dequantize_4bit_reference, quantize_4bit_reference  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
                 ops["dequantize(out=)"] = (ops["dequantize(out=)"][0], partial(F.dequantize_4bit, tp, ts, out=tout))
             except (NotImplementedError, RuntimeError):
                 pass
+        if not dq:   # the readable reference (same bytes), against the same bnb calls
+            ops["reference quantize"] = (partial(quantize_4bit_reference, x, 64, "nf4"), ops["quantize"][1])
+            ops["reference dequantize"] = (partial(dequantize_4bit_reference, p, st), ops["dequantize"][1])
         for name, (ours, theirs) in ops.items():
             t_ours = best_time(ours, args.repeats)
             t_bnb = best_time(theirs, args.repeats) if theirs else float("nan")
@@ -142,6 +147,9 @@ def main(argv=None) -> int:
         dr = min(r[2] / r[1] for r in d)
         print(f"\ntargets: quantize >= 3x bnb: {qr:.2f}x {'PASS' if qr >= 3 else 'MISS'}; "
               f"dequantize >= 1.5x bnb: {dr:.2f}x {'PASS' if dr >= 1.5 else 'MISS'}")
+    times = {r[0]: r[1] for r in rows}
+    print(f"reference: quantize {times['reference quantize'] / times['quantize']:.1f}x slower than the fast path, "
+          f"dequantize {times['reference dequantize'] / times['dequantize']:.1f}x (same bytes; for reading, not speed)")
     return 0
 
 
