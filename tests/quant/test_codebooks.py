@@ -20,7 +20,7 @@ NF4_MID = [-0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.339
 
 
 def test_nf4_table_shape_and_values(xp):
-    code = get_4bit_type("nf4")
+    code = get_4bit_type("nf4", xp=np)                                   # the golden values: NumPy
     assert code.dtype == np.float32 and code.shape == (16,)
     assert np.all(np.diff(code) > 0) and code[0] == -1 and code[15] == 1 and code[7] == 0
     assert (code < 0).sum() == 7 and (code > 0).sum() == 8              # asymmetric: 7 / 0 / 8
