@@ -49,7 +49,7 @@ MODEL_TYPE_OF_CLASS = {"GPT": "gpt2"}
 
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
-# Keys written to adapter_config.json: only those every PEFT since 0.4 understands (lora.md §10.4; an older PEFT
+# Keys written to adapter_config.json: only those every PEFT since 0.4 understands (docs/lora.md §9.4; an older PEFT
 # raises "unexpected keyword argument" on newer keys). use_rslora (0.8) is written only when it is true, so a PEFT
 # too old to apply √r scaling refuses the file instead of silently computing wrong outputs.
 SAVED_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",

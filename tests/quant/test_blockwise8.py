@@ -18,7 +18,7 @@ def test_golden_exact_nearest(pinned):
 def test_golden_lut_emulation(pinned):
     q, st = quantize_blockwise(pinned, blocksize=4096)
     lq, lst = quantize_blockwise_lut(pinned, blocksize=4096)
-    assert int((q != lq).sum()) == 1879                                  # of 1,048,576 (§6.2)
+    assert int((q != lq).sum()) == 1879                                  # of 1,048,576 (docs/quantization.md §4.3)
     assert np.array_equal(st.absmax, lst.absmax)
     a, r = errors(pinned, dequantize_blockwise(lq, lst))
     assert abs(a - 0.010053) < 1e-6 and abs(r - 0.017271) < 1e-6

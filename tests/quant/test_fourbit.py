@@ -1,6 +1,6 @@
 """quantize_4bit / dequantize_4bit without a reference library: worked bytes, golden numbers, errors, edge cases.
 
-Golden numbers (quantization.md §6.2) were produced by bitsandbytes 0.50.2 on CPU for the pinned input
+Golden numbers (docs/quantization.md §6.2) were produced by bitsandbytes 0.50.2 on CPU for the pinned input
 numpy.random.default_rng(0).standard_normal((1024, 1024)).astype(float32); these tests run without bnb installed.
 """
 import hashlib
@@ -22,7 +22,7 @@ from minilora.quant import (
 from minilora.quant.codebooks import midpoints
 from minilora.quant.report import pinned_input
 
-# --- §2.2 worked examples: exact bytes ------------------------------------------------------------------------------
+# --- worked examples, exact bytes (docs/quantization.md §2.2) -------------------------------------------------------
 
 def packed_hex(x, **kw):
     p, st = quantize_4bit(np.asarray(x, dtype=np.float32), blocksize=64, quant_type="nf4", **kw)
@@ -78,7 +78,7 @@ def test_int4_rule():
     assert z.ravel().tolist() == [0x08]                                  # (0, 1/14] -> code 8, which is 0.0 too
 
 
-# --- golden numbers (§6.2) and the bnb accuracy table (§6.1) --------------------------------------------------------
+# --- golden numbers and bnb's accuracy table (docs/quantization.md §6.2, §6.1) -------------------------------------
 
 GOLDEN = {  # (quant_type, blocksize): (mean abs err, mean rel err, sha256 prefix of the packed bytes)
     ("nf4", 64): (0.072813, 0.203431, "a02fdeea221d23ac"),

@@ -101,7 +101,9 @@ def ulp_distance(a, b):
 
 
 def redispatch_default_blockwise(A, code, blocksize):
-    """bnb's pure-PyTorch quantize_blockwise (exact nearest code), bypassing the CPU C++ LUT kernel (§7)."""
+    """bnb's pure-PyTorch quantize_blockwise (exact nearest code), bypassing the CPU C++ LUT kernel.
+
+    See docs/quantization.md §7."""
     try:
         ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
         return torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(ks, A, code, blocksize)
@@ -122,7 +124,8 @@ def test_double_quant_matches_bnb(quant_type):
         where = f"{shape} bs={bs} {dtype.__name__}"
         assert np.array_equal(packed, tp.numpy()), where            # DQ does not touch the 4-bit codes
         assert st.nested and st.absmax.dtype == np.uint8 and st.state2.blocksize == 256
-        # torch's float32 mean (its own cascade order) vs our float64 mean rounded once: ~1 ulp apart (§3.2).
+        # torch's float32 mean (its own cascade order) vs our float64 mean rounded once: ~1 ulp apart
+        # (docs/quantization.md §3.2).
         assert ulp_distance(st.offset, ts.offset.item()) <= 1, where
         # The nested step on bnb's own input: absmax - offset, exactly as bnb formed it.
         _, plain = bnb_quant(x, bs, quant_type, dq=False)
@@ -228,8 +231,8 @@ def test_tables_match_bnb():
 
 
 def test_random_cases_match_bnb():
-    # 200 seeded random cases (sizes 1..5000, every block size, nf4/fp4, fp16/fp32, zero runs, odd n), as in
-    # quantization.md §7's check of the default backend: bytes and absmax identical, dequantized identical.
+    # 200 seeded random cases (sizes 1..5000, every block size, nf4/fp4, fp16/fp32, zero runs, odd n): bnb's default
+    # backend is an exact oracle (docs/quantization.md §7), so bytes, absmax and dequantized values are identical.
     rng = np.random.default_rng(2026)
     oracle = BnbOracle()
     for case in range(200):
