@@ -297,8 +297,9 @@ def paper_notes(result: dict) -> list:
     if "full" in m and "lora_all" in m:
         f, lo = m["full"], m["lora_all"]
         df, dl = f["docs_bits_after"] - f["docs_bits_before"], lo["docs_bits_after"] - lo["docs_bits_before"]
-        notes.append(f"Forgetting (LoRA paper, seeds: LoRA forgets less than full fine-tuning): docs loss changed "
-                     f"{df:+.3f} bits with full FT vs {dl:+.3f} with LoRA all-linear -> "
+        notes.append(f"Forgetting (the lecture notes; Biderman et al., arXiv 2405.09673: LoRA forgets less than "
+                     f"full fine-tuning): docs loss changed {df:+.3f} bits with full FT vs {dl:+.3f} with LoRA "
+                     f"all-linear -> "
                      + ("agrees." if dl < df else "the miniature DISAGREES here."))
         notes.append(f"Quality (LoRA Table 4: LoRA ≈ full FT): code loss after {f['code_bits_after']:.3f} (full) vs "
                      f"{lo['code_bits_after']:.3f} (LoRA all-linear) -> "
@@ -354,8 +355,8 @@ def paper_notes(result: dict) -> list:
         best = min(vals.values())
         plateau = [r for r, v in vals.items() if v <= best + 0.02]
         r1 = vals.get(1, float("nan"))
-        notes.append(f"Rank (LoRA Table 6: r=1 already suffices; seeds: plateau above ~16): within 0.02 bits of the "
-                     f"best ({best:.3f}) for r in {plateau}; r=1 reaches {r1:.3f} -> "
+        notes.append(f"Rank (LoRA Table 6: r=1 already suffices; the lecture notes: plateau above ~16): within "
+                     f"0.02 bits of the best ({best:.3f}) for r in {plateau}; r=1 reaches {r1:.3f} -> "
                      + ("agrees: rank 1 is enough." if r1 <= best + 0.02 else
                         f"the miniature DISAGREES with 'rank 1 suffices' (r=1 is {r1 - best:.3f} bits behind)")
                      + (f"; from r=16 to r=64 the loss still moves {vals[16] - vals[64]:+.3f} bits."
