@@ -12,7 +12,7 @@ from minilora.quant import (
 )
 from minilora.quant.codebooks import NF4_CODE, midpoints
 
-# quantization.md §1.3: the 15 float32 decision thresholds of NF4
+# the 15 float32 decision thresholds of NF4 (docs/quantization.md §1.3)
 NF4_MID = [-0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
            -0.23460739850997925, -0.13791173696517944, -0.045525018125772476, 0.03979014977812767,
            0.120255246758461, 0.2035212516784668, 0.2920137643814087, 0.3893125355243683, 0.5016634464263916,
