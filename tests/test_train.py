@@ -375,3 +375,167 @@ def test_gpt_adapter_training_resumes_bit_identically(tmp_path, qlora):
     assert resumed.resumed_from == 3 and resumed.train_loss == full.train_loss
     for (n, a), (_, b) in zip(m1.named_parameters(), m3.named_parameters(), strict=True):
         assert np.array_equal(a.data, b.data), n
+
+
+# ---- nothing lost, nothing tampered, nothing outside the folder ------------------------------------------------------
+
+XF = pytest.mark.xfail(strict=True, reason="not refused or not cleaned up yet")
+
+
+@XF
+def test_a_fresh_run_into_a_folder_holding_a_checkpoint_is_refused_unless_overwrite(tmp_path):
+    m, o = make_run()
+    train(m, o, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=4))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    m2, o2 = make_run()
+    with pytest.raises(FileExistsError, match="overwrite=True") as e:
+        train(m2, o2, get_batch, checkpoint_dir=tmp_path, resume=False, **dict(RUN, max_steps=2))
+    assert "step 4" in str(e.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before     # untouched
+    res = train(m2, o2, get_batch, checkpoint_dir=tmp_path, resume=False, overwrite=True, **dict(RUN, max_steps=2))
+    assert res.step == 2 and load_checkpoint(tmp_path)[0]["step"] == 2
+
+
+@XF
+def test_a_resume_mismatch_advises_overwrite_not_a_fresh_start(tmp_path):
+    m, o = make_run()
+    train(m, o, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=2))
+    m2, o2 = make_run()
+    with pytest.raises(ValueError, match="seed=7") as e:
+        train(m2, o2, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=4, seed=8))
+    assert "overwrite=True" in str(e.value) and "use resume=False" not in str(e.value)
+
+
+@XF
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_step(tmp_path):
+    f = tmp_path / "ckpt"
+    f.write_text("x")
+    calls = []
+    m, o = make_run()
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        train(m, o, lambda rng: calls.append(1) or get_batch(rng), checkpoint_dir=f, **RUN)
+    assert calls == []
+
+
+def _rehash(meta):
+    """A tamperer who also recomputes checkpoint.json's own digest (when the format has one)."""
+    if "meta_sha256" in meta:
+        from minilora.train import _meta_digest
+        meta["meta_sha256"] = _meta_digest(meta)
+    return meta
+
+
+def _set(path, value):
+    def edit(meta):
+        d = meta
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+    return edit
+
+
+def _first_param_steps(value):
+    def edit(meta):
+        steps = meta["optimizer"]["steps"]
+        steps[next(iter(steps))] = value
+    return edit
+
+
+TAMPER = {
+    "lr=-1": _set(("optimizer", "hyperparams", "lr"), -1.0),
+    "initial_lr=nan": _set(("optimizer", "hyperparams", "initial_lr"), float("nan")),
+    "lr='x'": _set(("optimizer", "hyperparams", "lr"), "x"),
+    "betas=[2,2]": _set(("optimizer", "hyperparams", "betas"), [2, 2]),
+    "step=-5": _set(("step",), -5),
+    "step=2.5": _set(("step",), 2.5),
+    "step='3'": _set(("step",), "3"),
+    "step=1000": _set(("step",), 1000),
+    "rng garbage": _set(("rng", "batch", "state", "state"), "x"),
+    "rng MT19937": _set(("rng", "batch", "bit_generator"), "MT19937"),
+    "optimizer step -1": _first_param_steps(-1),
+    "optimizer step 0": _first_param_steps(0),
+    "history truncated": lambda meta: meta["history"]["train_loss"].pop(),
+    "history without lr": lambda meta: meta["history"].pop("lr"),
+}
+
+
+@XF
+@pytest.mark.parametrize("rehash", [False, True], ids=["plain-edit", "digest-recomputed"])
+@pytest.mark.parametrize("tamper", list(TAMPER), ids=list(TAMPER))
+def test_a_tampered_checkpoint_json_is_refused(tmp_path, tamper, rehash):
+    m, o = make_run()
+    train(m, o, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=4))
+    js = tmp_path / CHECKPOINT_JSON
+    meta = json.loads(js.read_text())
+    TAMPER[tamper](meta)
+    js.write_text(json.dumps(_rehash(meta) if rehash else meta))
+    m2, o2 = make_run()
+    with pytest.raises(CorruptFileError, match=CHECKPOINT_JSON):
+        train(m2, o2, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=6))
+
+
+@XF
+def test_orphaned_temp_files_are_cleaned_up_when_the_next_run_resumes(tmp_path):
+    m, o = make_run()
+    train(m, o, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=2))
+    orphans = [".step-0000003.safetensors.a1b2c3d4.tmp", ".step-0000003.b.safetensors.zz_9x8y7.tmp",
+               ".checkpoint.json.q1w2e3r4.tmp"]
+    keep = ["notes.tmp", ".other.a1b2c3d4.tmp", "step-0000001.safetensors.bak"]
+    for n in orphans + keep:
+        (tmp_path / n).write_bytes(b"partial")
+    m2, o2 = make_run()
+    train(m2, o2, get_batch, checkpoint_dir=tmp_path, **dict(RUN, max_steps=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_JSON, "step-0000003.safetensors", *keep])
+
+
+@XF
+@pytest.mark.parametrize("which", ["tensors", "json"])
+def test_a_checkpoint_file_that_is_a_symlink_leading_outside_is_refused(tmp_path, which):
+    d = tmp_path / "ckpt"
+    m, o = make_run()
+    train(m, o, get_batch, checkpoint_dir=d, **dict(RUN, max_steps=2))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = load_checkpoint(d)[0]["tensors"] if which == "tensors" else CHECKPOINT_JSON
+    (d / name).rename(outside / name)
+    (d / name).symlink_to(outside / name)
+    with pytest.raises(CorruptFileError, match="outside"):
+        load_checkpoint(d)
+
+
+@XF
+@pytest.mark.parametrize("shape", [(0, 8), (4, 0)])
+def test_an_empty_batch_is_refused_with_the_step(shape):
+    m, o = make_run()
+    with pytest.raises(ValueError, match="empty batch .* at step 0"):
+        train(m, o, lambda rng: (np.zeros(shape, np.int64), np.zeros(shape, np.int64)), **RUN)
+
+
+def _cyclomatic_complexity(fn) -> int:
+    """1 + one per branch point (if, loop, except, boolean operator, conditional expression, comprehension filter)."""
+    import ast
+    import inspect
+    import textwrap
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    n = 1
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.For, ast.While, ast.IfExp, ast.ExceptHandler)):
+            n += 1
+        elif isinstance(node, ast.BoolOp):
+            n += len(node.values) - 1
+        elif isinstance(node, ast.comprehension):
+            n += 1 + len(node.ifs)
+    return n
+
+
+@XF
+def test_the_loop_reads_in_one_screen():
+    """train() is a short loop over named steps (resume or start, one update, eval, checkpoint), each step short."""
+    import inspect
+
+    import minilora.train as tr
+    lines = len(inspect.getsourcelines(tr.train)[0])
+    assert lines <= 60 and _cyclomatic_complexity(tr.train) <= 10, (lines, _cyclomatic_complexity(tr.train))
+    for name in ("_resume_or_start", "_train_step", "_maybe_eval", "_maybe_checkpoint"):
+        fn = getattr(tr, name)
+        assert len(inspect.getsourcelines(fn)[0]) <= 45 and _cyclomatic_complexity(fn) <= 12, name
