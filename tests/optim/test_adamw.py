@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minilora.backend import to_numpy
 from minilora.nn.parameter import Parameter
 from minilora.optim import AdamW, adamw_update
 
@@ -21,7 +22,7 @@ def run_minilora(init, grads, xp, **kw):
         for p, g in zip(params, gs, strict=True):
             p.grad = xp.asarray(g)
         opt.step()
-    return [np.asarray(p.data.get() if hasattr(p.data, "get") else p.data) for p in params]
+    return [to_numpy(p.data) for p in params]
 
 
 def run_torch(torch, init, grads, **kw):
