@@ -17,7 +17,8 @@ What this module models, and what is real:
     - a page holds `page_size` bytes of one tensor (the last page of a tensor may be shorter and costs only its
       own bytes); every page lives in exactly one tier, device or host;
     - eviction is least-recently-used over unpinned device pages, and happens only when a request does not fit;
-    - data is real: on NumPy both tiers are host arrays and a transfer is a copy we account for; on CuPy the
+    - data is real: on NumPy both tiers are host arrays and a transfer is a copy we account for (the strict
+      backend keeps the device tier in its own arrays, so a page that skips a transfer fails); on CuPy the
       device tier is CuPy arrays, the host tier is pinned host memory (`cupyx.empty_pinned`) and a transfer is a
       real `cudaMemcpy`. A tensor created with data=False keeps only the bookkeeping (used by the simulator to
       replay 7B / 65B models whose states would not fit in this machine's RAM);
@@ -38,7 +39,7 @@ import collections
 import contextlib
 import dataclasses
 
-from minilora.backend import xp_current
+from minilora.backend import to_numpy, xp_current
 
 MiB = 2 ** 20
 GB = 10 ** 9
@@ -271,7 +272,7 @@ class PagedPool:
             out = cupyx.empty_pinned((n,), dtype=dtype)   # page-locked host memory: what DMA transfers need
             out[...] = 0
             return out
-        return self.xp.zeros(n, dtype=dtype)
+        return to_numpy(self.xp.zeros(n, dtype=dtype))   # a host array (a copy on the strict backend)
 
     def _evict(self, page):
         """device -> host (cudaMemcpy D2H into pinned memory on CuPy, a copy on NumPy)."""
@@ -281,7 +282,7 @@ class PagedPool:
                 page.host = cupyx.empty_pinned(page.device.shape, dtype=page.device.dtype)
                 page.device.get(out=page.host)
             else:
-                page.host = page.device.copy()
+                page.host = to_numpy(page.device.copy())   # the host tier holds host arrays on every backend
             page.device = None                       # the device copy is gone: exactly one tier holds the page
         page.where = "host"
         del self._resident[page]
@@ -298,7 +299,7 @@ class PagedPool:
                 page.device = self.xp.empty(page.host.shape, dtype=page.host.dtype)
                 page.device.set(page.host)
             else:
-                page.device = page.host.copy()
+                page.device = self.xp.asarray(page.host).copy()
             page.host = None
         page.where = "device"
         self._resident[page] = page
