@@ -19,6 +19,7 @@ HOST_ONLY = {
     "backend.py",      # the switch hands numpy out
     "io.py",           # safetensors files are host memory
     "apps/figures.py", # matplotlib plots host arrays
+    "plotting.py",     # matplotlib plots host arrays: every input comes over with to_numpy first
     "data.py",         # text -> token ids happens on the host before the arrays move to the device
 }
 

@@ -95,25 +95,19 @@ def _pinned():
 
 
 def fig_quant_error_hist(out: Path, ctx: dict) -> list:
-    """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats."""
-    from minilora.quant.report import roundtrip
+    """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats
+    (minilora.plotting.quant_error_hist, two calls)."""
+    from minilora.plotting import quant_error_hist
     plt = pyplot()
     x = _pinned()
-    families = [("8-bit: where the absmax is taken", ["int8 tensor-wise", "int8 row-wise", "int8 block-wise/64"],
-                 np.linspace(-0.025, 0.025, 201)),
-                ("4-bit, block size 64", ["Int4/64", "FP4/64", "NF4/64", "NF4/64 + DQ"], np.linspace(-0.5, 0.5, 201))]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for ax, (title, schemes, bins) in zip(axes, families, strict=True):
-        for scheme in schemes:
-            y, bits = roundtrip(x, scheme)
-            e = (np.asarray(y) - x).ravel()
-            counts, _ = np.histogram(e, bins=bins)
-            ax.stairs(np.maximum(counts, 0.5), bins, lw=1.4, baseline=None,   # 0.5: empty bins sit below 1 on log axes
-                      label=f"{scheme}: mean |err| {np.abs(e).mean():.6f}, {bits:.3f} bits")
-        ax.set(yscale="log", ylim=(0.8, None), title=title, xlabel=r"$\hat{x} - x$", ylabel="count")
-        ax.legend(fontsize=7, loc="lower center")
+    families = [("8-bit: where the absmax is taken", ["int8-tensor", "int8-row", "int8-block"], 0.025),
+                ("4-bit, block size 64", ["int4", "fp4", "nf4", "nf4+dq"], 0.5)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for ax, (title, schemes, limit) in zip(axes, families, strict=True):
+        quant_error_hist(x, schemes, ax=ax, blocksize=64, limit=limit)
+        ax.set_title(title)
     fig.suptitle("quantization error on randn(1024, 1024), seed 0 (NF4/64: 0.072813, bit-exact with bitsandbytes)",
-                 fontsize=10)
+                 fontsize=11)
     fig.tight_layout()
     return [save_png(fig, out / "quant_error_hist.png")]
 
@@ -156,30 +150,22 @@ def fig_int8_outliers(out: Path, ctx: dict) -> list:
 
 
 def fig_nf4_codebook(out: Path, ctx: dict) -> list:
-    """NF4's 16 levels against the N(0,1) density (probability mass per code), next to FP4 and Int4."""
-    from statistics import NormalDist
-
-    from minilora.quant import get_4bit_type
+    """NF4's 16 levels and how often N(0,1) in blocks of 64 uses each, next to FP4 and Int4 (minilora.plotting)."""
+    from minilora.plotting import code_usage, codebook_plot
+    from minilora.quant.report import pinned_input
     plt = pyplot()
-    normal = NormalDist()
-    scale = normal.inv_cdf(0.9677083)                                # code ±1 sits at ±1.848 sigma
-    t = np.linspace(-3.5, 3.5, 401)
-    pdf = np.array([normal.pdf(v) for v in t])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    x = pinned_input(0)                                              # what codebook_plot measures usage on
+    usage = code_usage(x, "nf4", 64)                                 # (16,) share of values per code
+    entropy = float(-(usage[usage > 0] * np.log2(usage[usage > 0])).sum())
+    absmax_sigma = float(np.abs(x.reshape(-1, 64)).max(axis=1).mean() / x.std())
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
     for ax, name in zip(axes, ["nf4", "fp4", "int4"], strict=True):
-        levels = np.unique(np.asarray(get_4bit_type(name), dtype=np.float64)) * scale
-        edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
-        cdf = np.array([0.0 if e == -np.inf else 1.0 if e == np.inf else normal.cdf(e) for e in edges])
-        mass = np.diff(cdf)
-        ax.plot(t, pdf, "k", lw=1, label="N(0, 1) density")
-        ax.bar(levels, mass, width=0.07, color="C1", label="probability mass per code")
-        ax.vlines(levels, 0, 0.015, color="C0", lw=2)
-        entropy = -(mass * np.log2(mass)).sum()
-        ax.set(title=f"{name.upper()}: {len(levels)} levels, usage entropy {entropy:.3f} bits",
-               xlabel=r"level $\times\ \Phi^{-1}(0.9677083)$ (in $\sigma$)")
-    axes[0].set_ylabel("density / mass")
-    axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("NF4 = normal quantiles: every code carries about 1/16 of N(0,1)", fontsize=10)
+        codebook_plot(name, ax=ax, blocksize=64)
+        if ax is not axes[0]:
+            ax.set_ylabel("")
+            ax.get_legend().remove()
+    fig.suptitle(f"4-bit code tables on N(0, 1) in blocks of 64: the absmax is about {absmax_sigma:.1f}σ, so NF4's "
+                 f"outer codes get less than 1/16 of the values (measured entropy {entropy:.3f} bits)", fontsize=11)
     fig.tight_layout()
     return [save_png(fig, out / "nf4_codebook.png")]
 

@@ -404,8 +404,9 @@ def plot_timeline(result: dict, path) -> None:
         axes[1].plot([], [], "v", color="#c44e52", label="eviction to host")
         axes[1].plot([], [], "^", color="#2a7f3f", label="prefetch to device")
         axes[1].plot([], [], ls="--", color="black", lw=0.8, label="device budget")
-        fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=4, frameon=False)
-        fig.suptitle(f"Paged optimizer: {s['title']}, {s['budget_bytes'] / GB:g} GB budget", fontsize=11)
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", fontsize=9, ncol=4, frameon=False)
+        fig.suptitle(f"Simulated paged optimizer (memory bookkeeping, no GPU)\n{s['title']}, "
+                     f"{s['budget_bytes'] / GB:g} GB budget", fontsize=11)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
         buf = io.BytesIO()
         fig.savefig(buf, format="png", metadata={"Software": None})     # no version string: same bytes every run
