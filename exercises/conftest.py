@@ -28,6 +28,11 @@ def pytest_addoption(parser):
                     help="grade the exercise modules in DIR instead (repeatable: one run per directory)")
 
 
+def pytest_configure(config):
+    if config.option.tbstyle == "auto":      # a student reads the message, not the grader's internals
+        config.option.tbstyle = "short"
+
+
 def _impl_dirs(config) -> list[Path]:
     dirs = [Path(d).resolve() for d in config.getoption("impl")]
     if config.getoption("solutions"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, settings
 
-GRADE = settings(max_examples=20, deadline=None, derandomize=True, database=None,
+GRADE = settings(max_examples=15, deadline=None, derandomize=True, database=None,
                  suppress_health_check=list(HealthCheck), print_blob=False)
 
 
@@ -32,11 +32,13 @@ def _inputs(inputs: dict) -> str:
 
 
 def fail(what: str, inputs: dict, detail: str):
+    __tracebackhide__ = True                         # pytest shows the message, not these lines
     raise AssertionError(f"{what} is not right.\n  inputs:\n{_inputs(inputs)}\n  {detail}")
 
 
 def check_array(what, got, expected, inputs, *, rtol=0.0, atol=0.0, dtype=True):
     """got must be an ndarray of expected's shape (and dtype, if dtype=True) equal to it within rtol/atol."""
+    __tracebackhide__ = True                         # pytest shows the message, not these lines
     if not isinstance(got, np.ndarray):
         fail(what, inputs, f"expected a NumPy array, got {type(got).__name__}: {describe(got)}")
     if got.shape != expected.shape:
@@ -54,6 +56,7 @@ def check_codes(what, got, expected, inputs, *, target, value_of, slack):
     """Codes may differ from minilora's only where both are (nearly) equally good: |value_of(got) - target| must
     not exceed |value_of(expected) - target| + slack. This forgives a tie rounded the other way by a last-bit
     difference in how the scaled value was computed, and nothing else."""
+    __tracebackhide__ = True                         # pytest shows the message, not these lines
     if not isinstance(got, np.ndarray):
         fail(what, inputs, f"expected a NumPy array, got {type(got).__name__}: {describe(got)}")
     if got.shape != expected.shape or got.dtype != expected.dtype:
@@ -69,6 +72,7 @@ def check_codes(what, got, expected, inputs, *, target, value_of, slack):
 
 
 def _report_mismatch(what, inputs, got, expected, bad, rtol, atol, extra=""):
+    __tracebackhide__ = True                         # pytest shows the message, not these lines
     i = int(np.flatnonzero(bad.reshape(-1))[0])
     idx = np.unravel_index(i, got.shape) if got.ndim else ()
     tol = "exactly" if rtol == 0 and atol == 0 else f"within rtol={rtol:g}, atol={atol:g}"
@@ -81,6 +85,7 @@ def _report_mismatch(what, inputs, got, expected, bad, rtol, atol, extra=""):
 
 def check_value(what, got, expected, inputs, *, rel=0.0):
     """A scalar (int or float) equal to expected, or within a relative tolerance."""
+    __tracebackhide__ = True                         # pytest shows the message, not these lines
     ok = got == expected if rel == 0 else abs(got - expected) <= rel * abs(expected)
     if isinstance(got, np.ndarray) or not ok:
         tol = "exactly" if rel == 0 else f"within a relative {rel:g}"

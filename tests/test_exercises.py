@@ -5,10 +5,11 @@
    solution with one typical mistake patched in), and each planted mistake is caught by the grader it names;
 3. every grader PASSES on the reference solutions (exercises/solutions/).
 
-Each side is one pytest subprocess over the whole exercises/ folder (the mutants all in one run, through
-exercises/conftest.py's --impl option); the three run at the same time and their JUnit XML reports are read per
-test id. Also checked here without pytest runs: the skeletons and the solutions define the same functions with the
-same signatures and docstrings, and every notebook has at least 3 graded functions.
+All three sides are one pytest subprocess: exercises/conftest.py's --impl option, given once per folder (the
+skeletons, the solutions, one folder per mutant), runs each grader once per folder, and the test id names the
+folder; each mutant is run with its own grader only. Its JUnit XML report is read per test id.
+Also checked here without pytest runs: the skeletons and the solutions define the same functions with the same
+signatures and docstrings, and every notebook has at least 3 graded functions.
 """
 from __future__ import annotations
 
@@ -60,44 +61,40 @@ def mutant_source(m) -> str:
     return text
 
 
-def _start(args, xml: Path):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", f"--junitxml={xml}",
-           *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _outcomes(xml: Path) -> dict:
-    """(module, test id) -> 'passed' | 'failed' | 'error' | 'skipped' from a JUnit XML report."""
+    """(side, module, grader) -> 'passed' | 'failed' | 'error' | 'skipped' from a JUnit XML report, where side is
+    the folder named in the test id: exercises (the skeletons), solutions, or a mutant's id."""
     out = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         module = case.get("classname").split(".")[-1].removeprefix("test_")
+        grader, _, side = case.get("name").partition("[")
         kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
         status = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(next(iter(kinds), ""), "passed")
-        out[(module, case.get("name"))] = status
+        out[(side.rstrip("]"), module, grader)] = status
     return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run the three sides at once; returns {"skeletons": outcomes, "solutions": ..., "mutants": ...}."""
+    """One pytest run grades the skeletons, the solutions and every mutant (each mutant only with its own grader).
+
+    Returns (outcomes, log)."""
     tmp = tmp_path_factory.mktemp("exercise_runs")
-    mutant_args, selected = [], []
+    args = ["--impl", str(EXERCISES), "--impl", str(SOLUTIONS)]
+    selected = [f"exercises/test_{m}.py::{g}[{side}]" for m, g in ALL_GRADERS for side in ("exercises", "solutions")]
     for m in MUTANTS:
         folder = tmp / "mutants" / m["id"]
         folder.mkdir(parents=True)
         (folder / f"{m['module']}.py").write_text(mutant_source(m))
-        mutant_args += ["--impl", str(folder)]
+        args += ["--impl", str(folder)]
         selected.append(f"exercises/test_{m['module']}.py::{m['grader']}[{m['id']}]")
-    sides = {"skeletons": ["exercises"], "solutions": ["exercises", "--solutions"],
-             "mutants": [*mutant_args, *selected]}
-    procs = {name: (_start(args, tmp / f"{name}.xml"), tmp / f"{name}.xml") for name, args in sides.items()}
-    results = {}
-    for name, (proc, xml) in procs.items():
-        log, _ = proc.communicate(timeout=600)
-        assert xml.exists(), f"the {name} run wrote no report; its output:\n{log[-4000:]}"
-        results[name] = _outcomes(xml)
-        results[name + "_log"] = log
-    return results
+    xml = tmp / "report.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", f"--junitxml={xml}",
+           *args, *selected]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert xml.exists(), f"the grading run wrote no report; its output:\n{log[-4000:]}"
+    return _outcomes(xml), log
 
 
 ALL_GRADERS = [(m, g) for m in MODULES for g in graders(m)]
@@ -125,19 +122,17 @@ def test_skeleton_matches_solution(module):
 
 
 def test_graders_fail_on_the_skeletons(runs):
-    got = runs["skeletons"]
-    want = {(m, g) for m, g in ALL_GRADERS}
-    assert set(got) == want, f"unexpected test ids:\n{runs['skeletons_log'][-3000:]}"
+    outcomes, log = runs
+    got = {(m, g): outcomes.get(("exercises", m, g)) for m, g in ALL_GRADERS}
     not_failed = {k: v for k, v in got.items() if v != "failed"}
-    assert not not_failed, f"graders that do not fail on the untouched skeletons: {not_failed}"
+    assert not not_failed, f"graders that do not fail on the untouched skeletons: {not_failed}\n{log[-3000:]}"
 
 
 def test_graders_pass_on_the_solutions(runs):
-    got = runs["solutions"]
-    assert set(got) == {(m, g) for m, g in ALL_GRADERS}, runs["solutions_log"][-3000:]
+    outcomes, log = runs
+    got = {(m, g): outcomes.get(("solutions", m, g)) for m, g in ALL_GRADERS}
     not_passed = {k: v for k, v in got.items() if v != "passed"}
-    assert not not_passed, f"graders that fail on the reference solutions: {not_passed}\n" \
-                           f"{runs['solutions_log'][-6000:]}"
+    assert not not_passed, f"graders that fail on the reference solutions: {not_passed}\n{log[-6000:]}"
 
 
 def test_every_grader_has_a_planted_bug():
@@ -148,8 +143,7 @@ def test_every_grader_has_a_planted_bug():
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m["id"] for m in MUTANTS])
 def test_grader_fails_on_planted_bug(runs, mutant):
-    key = (mutant["module"], f"{mutant['grader']}[{mutant['id']}]")
-    status = runs["mutants"].get(key)
+    outcomes, log = runs
+    status = outcomes.get((mutant["id"], mutant["module"], mutant["grader"]))
     assert status == "failed", (f"{mutant['grader']} should fail on the planted bug {mutant['id']} "
-                                f"({mutant['why']}), but it {status or 'did not run'}\n"
-                                f"{runs['mutants_log'][-3000:]}")
+                                f"({mutant['why']}), but it {status or 'did not run'}\n{log[-3000:]}")
