@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 
 from minilora.backend import default_rng, get_array_module
@@ -170,9 +171,8 @@ class GPT(Module):
 
     def forward(self, idx, targets=None):
         """idx int (B, T) -> logits (B, T, V), and loss (a Python float, mean over tokens) when targets are given."""
+        _check_idx(idx)
         xp = get_array_module(idx)
-        if idx.ndim != 2:
-            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
         if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -232,9 +232,13 @@ class GPT(Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, rng=None):
         """Sample max_new_tokens tokens after idx (B, T), feeding the last block_size tokens each step."""
+        _check_idx(idx, "prompt")
         xp = get_array_module(idx)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        # transformers' TemperatureLogitsWarper: a strictly positive float (NaN or inf would sample garbage)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r} (it divides the logits; "
+                             "for greedy decoding use top_k=1)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
@@ -257,6 +261,18 @@ class GPT(Module):
         return idx
 
 
+def _check_idx(idx, what="idx"):
+    """Token ids must be a non-empty (B, T) array: an empty batch or sequence has no loss and no next token."""
+    if not hasattr(idx, "ndim") or not hasattr(idx, "dtype"):
+        raise TypeError(f"{what} must be an integer array of shape (B, T), got a {type(idx).__name__}; "
+                        "wrap it with np.asarray")
+    if idx.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got {tuple(idx.shape)}")
+    if idx.size == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(idx.shape)}): the batch and the sequence need at least "
+                         "one token each")
+
+
 def _drop_caches(module):
     """Free what every layer of `module` kept for its backward."""
     for m in module.modules():
@@ -266,9 +282,17 @@ def _drop_caches(module):
 
 def _save_rngs(module):
     """Copies of the random generators that will draw dropout masks in `module`, taken before a checkpointed
-    forward (LoRA layers with lora_dropout > 0; layers without dropout draw nothing)."""
-    return [(m, copy.deepcopy(m._rng)) for m in module.modules()
-            if getattr(m, "_rng", None) is not None and any(getattr(m, "lora_dropout", {}).values())]
+    forward: one copy per distinct generator, with every layer that draws from it.
+
+    Layers often share one generator (get_peft_model gives all LoRA layers one stream), and the forward draws their
+    masks from it one after the other. So the recomputation must also run them off ONE copy, in the same order:
+    a copy per layer would make the second layer replay the first one's masks."""
+    groups = {}                                        # id(generator) -> (generator, [layers drawing from it])
+    for m in module.modules():
+        rng = getattr(m, "_rng", None)
+        if rng is not None:
+            groups.setdefault(id(rng), (rng, []))[1].append(m)
+    return [(layers, copy.deepcopy(rng)) for rng, layers in groups.values()]
 
 
 class _restored_rngs:
@@ -279,9 +303,11 @@ class _restored_rngs:
         self.originals = []
 
     def __enter__(self):
-        for m, rng in self.saved:
-            self.originals.append((m, m._rng))
-            m._rng = copy.deepcopy(rng)
+        for layers, rng in self.saved:
+            replay = copy.deepcopy(rng)                # one replaying generator, shared as the original was
+            for m in layers:
+                self.originals.append((m, m._rng))
+                m._rng = replay
 
     def __exit__(self, *exc):
         for m, rng in self.originals:

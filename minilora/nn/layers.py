@@ -12,6 +12,7 @@ Mirrors `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.LayerNorm`, `torch.nn
 from __future__ import annotations
 
 import math
+import numbers
 
 from minilora.backend import default_rng, xp_current
 from minilora.nn import functional as F
@@ -20,15 +21,29 @@ from minilora.nn.parameter import Parameter
 
 
 def _dtype(xp, dtype):
+    """A floating dtype: integer weights would truncate the initialisation to zeros (and never train)."""
     try:
-        return xp.dtype(dtype)
+        dt = xp.dtype(dtype)
     except TypeError:
         raise TypeError(f"unknown dtype {dtype!r}; use 'float32' or 'float64'") from None
+    if dt.kind != "f":
+        raise TypeError(f"layer weights must be a float dtype, got {dt} ({dtype!r}); use 'float32' or 'float64'")
+    return dt
+
+
+def _size(name, value):
+    """A layer size must be a plain integer (8.5 or '8' would fail deep inside NumPy, True would mean 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def check_input(layer, x, dtype, features):
-    """TypeError unless x has the layer's dtype (as torch: no silent up-casting of a float32 model), ValueError
-    unless its last axis has `features` entries."""
+    """TypeError unless x is an array with the layer's dtype (as torch: no silent up-casting of a float32 model),
+    ValueError unless its last axis has `features` entries."""
+    if not hasattr(x, "dtype") or not hasattr(x, "reshape"):
+        raise TypeError(f"{type(layer).__name__} expects an array input, got a {type(x).__name__}; "
+                        "wrap it with np.asarray(x, dtype)")
     if x.dtype != dtype:
         raise TypeError(f"{type(layer).__name__} has {dtype} weights but got a {x.dtype} input; "
                         f"cast it with x.astype('{dtype}')")
@@ -58,6 +73,7 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32", rng=None):
         super().__init__()
+        in_features, out_features = _size("in_features", in_features), _size("out_features", out_features)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Linear needs in_features, out_features >= 1, got {in_features}, {out_features}")
         xp = xp_current()
@@ -118,6 +134,7 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype="float32", rng=None):
         super().__init__()
+        num_embeddings, embedding_dim = _size("num_embeddings", num_embeddings), _size("embedding_dim", embedding_dim)
         xp = xp_current()
         dt = _dtype(xp, dtype)
         rng = default_rng() if rng is None else rng
@@ -152,6 +169,7 @@ class LayerNorm(Module):
 
     def __init__(self, ndim: int, eps: float = 1e-5, bias: bool = True, dtype="float32"):
         super().__init__()
+        ndim = _size("ndim", ndim)
         xp = xp_current()
         dt = _dtype(xp, dtype)
         self.ndim, self.eps = ndim, eps

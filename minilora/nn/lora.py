@@ -38,6 +38,20 @@ from minilora.nn.linear4bit import Linear4bit
 from minilora.nn.module import Module, ModuleDict, call_backward
 
 
+def check_adapter_name(name) -> str:
+    """An adapter name is a ModuleDict key (torch refuses '' and '.') and, once saved, a folder name (PEFT saves every
+    adapter but "default" in a sub-folder named after it), so it must be one plain folder name: no '.', no path
+    separator, no drive colon, no control character. Anything else could write or read outside the save folder."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty str, got {name!r}")
+    bad = sorted({c for c in name if c in "./\\:" or ord(c) < 32})
+    if bad:
+        raise ValueError(f"adapter_name {name!r} must be one plain folder name without {bad} (no '.', '/', '\\', "
+                         "':' or control characters): adapters other than 'default' are saved in a sub-folder "
+                         "named after them")
+    return name
+
+
 class LoRALinear(Module):
     """A Linear or Linear4bit base layer (frozen) plus one or more named LoRA adapters."""
 
@@ -55,6 +69,8 @@ class LoRALinear(Module):
         self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora = {}, {}, {}, {}, {}
         self.active_adapters = [adapter_name]
         self.merged_adapters = []
+        self._merged_factors = {}                          # adapter -> (A, B, scaling) as merged, for unmerge
+        self._unmerged_4bit = None                         # a 4-bit base's codes and state from before the first merge
         self.disable_adapters = False                      # PEFT's flag: True runs the base layer alone
         self._rng = default_rng(0) if rng is None else rng   # seeded: init and dropout masks are reproducible
         self._cache = None
@@ -81,8 +97,7 @@ class LoRALinear(Module):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False):
         """Add adapter `adapter_name` with A (r, D_in), B (D_out, r); trainable only if it is active."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer; delete_adapter it first")
         max_r = min(self.in_features, self.out_features)
@@ -153,9 +168,7 @@ class LoRALinear(Module):
     def get_delta_weight(self, adapter_name: str):
         """ΔW = scaling · B @ A, shape (D_out, D_in), in the base weight's dtype."""
         A, B = self.lora_A[adapter_name].weight.data, self.lora_B[adapter_name].weight.data   # (r, D_in), (D_out, r)
-        delta = B @ A                                                           # (D_out, D_in)
-        delta *= self.scaling[adapter_name]
-        return delta
+        return _delta(A, B, self.scaling[adapter_name])
 
     def _base_weight(self):
         b = self.base_layer
@@ -172,7 +185,10 @@ class LoRALinear(Module):
         """W0 += ΔW for each adapter (default: the active ones), remembered in merged_adapters.
 
         safe_merge=True merges into a copy first and raises ValueError if it holds NaN/Inf (W0 left untouched).
-        On a 4-bit base the sum is re-quantized, which adds rounding error (PEFT warns the same way)."""
+        On a 4-bit base the sum is re-quantized, which adds rounding error (PEFT warns the same way). Unlike PEFT,
+        the pre-merge 4-bit codes are kept while merged (one more 4-bit copy of the layer), so unmerge gives them
+        back byte for byte, and A, B are remembered as merged (r·(D_in + D_out) values), so unmerge takes out the
+        ΔW that went in even if the adapter was changed meanwhile."""
         names = self.active_adapters if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
         already = [n for n in names if n in self.merged_adapters]
@@ -187,6 +203,9 @@ class LoRALinear(Module):
             if isinstance(self.base_layer, Linear4bit):
                 warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding "
                               "errors.", stacklevel=2)
+            if isinstance(self.base_layer, Linear4bit) and not self.merged_adapters:
+                b = self.base_layer                             # set_weight replaces these two, never edits them
+                self._unmerged_4bit = (b.weight.data, b.weight.quant_state)
             W = self._base_weight()
             delta = self.get_delta_weight(name)                                 # (D_out, D_in)
             if safe_merge or isinstance(self.base_layer, Linear4bit):
@@ -201,18 +220,26 @@ class LoRALinear(Module):
             else:
                 W += delta                                                      # in place
             self.merged_adapters.append(name)
+            self._merged_factors[name] = (self.lora_A[name].weight.data.copy(),   # (r, D_in)
+                                          self.lora_B[name].weight.data.copy(),   # (D_out, r)
+                                          self.scaling[name])
 
     def unmerge(self):
-        """Undo merge(): pop merged adapters last-in first-out and subtract their ΔW."""
+        """Undo merge(): pop merged adapters last-in first-out and subtract the ΔW each one added.
+
+        A 4-bit base gets its pre-merge codes and state back exactly (PEFT re-quantizes Ŵ − ΔW instead, so each
+        merge/unmerge cycle there adds NF4 rounding error, and its warning is all that says so)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if isinstance(self.base_layer, Linear4bit):
-                self._set_base_weight(self._base_weight() - self.get_delta_weight(name))
-            else:
-                self.base_layer.weight.data -= self.get_delta_weight(name)
+            A, B, s = self._merged_factors.pop(self.merged_adapters.pop())
+            if not isinstance(self.base_layer, Linear4bit):
+                self.base_layer.weight.data -= _delta(A, B, s)                  # (D_out, D_in)
+        if self._unmerged_4bit is not None:
+            b = self.base_layer
+            b.weight.data, b.weight.quant_state = self._unmerged_4bit
+            self._unmerged_4bit = None
 
     # ---- the two passes -------------------------------------------------------------------------------------
     def forward(self, x):
@@ -265,6 +292,13 @@ class LoRALinear(Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapters}, merged={self.merged}")
+
+
+def _delta(A, B, scaling):
+    """ΔW = scaling · B @ A: A (r, D_in), B (D_out, r) -> (D_out, D_in)."""
+    delta = B @ A                                                               # (D_out, D_in)
+    delta *= scaling
+    return delta
 
 
 class QLoRALinear(LoRALinear):
