@@ -250,7 +250,7 @@ def qq_plot(x, blocksize: int = 64, ax=None, points: int = 400, label=None):
     ax.set(title="Q–Q: block-standardized values vs N(0, 1)", xlabel="N(0, 1) quantile",
            ylabel=f"value quantile (z within its block of {blocksize})")
     pairs = sorted(zip(*ax.get_legend_handles_labels(), strict=True), key=lambda hl: hl[0].get_gid() == "qq-reference")
-    ax.legend(*zip(*pairs, strict=True), fontsize=9)                          # the diagonal's entry last
+    ax.legend(*zip(*pairs, strict=True), fontsize=9, markerscale=2)           # the diagonal's entry last
     return ax
 
 

@@ -218,8 +218,10 @@ def real_weight_figures(out, base_dir=None, data=None) -> list:
         vals = [data[t]["mean_abs_error"][sc] for t in types]
         a2.barh([y + 0.4 - width * (i + 0.5) for y in ys], vals, height=width, color=f"C{i}", label=sc)
     a2.set_yticks(ys, types, fontsize=10)
-    a2.set(xscale="log", title="mean |W − Ŵ| per layer type (log scale)", xlabel="mean |W − Ŵ|")
-    a2.legend(fontsize=10, loc="lower right")
+    means = [v for t in types for v in data[t]["mean_abs_error"].values()]
+    a2.set(xscale="log", title="mean |W − Ŵ| per layer type (log scale)", xlabel="mean |W − Ŵ|",
+           xlim=(min(means) / 2, max(means) * 8))                       # room on the right for the legend
+    a2.legend(fontsize=10, loc="center right")
     fig.suptitle("round-trip error of the pretrained base's weights: int8 block-wise vs the 4-bit codes", fontsize=12)
     fig.tight_layout()
     paths = [save_png(fig, out / "quant_real_weights_error_hist.png")]
