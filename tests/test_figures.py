@@ -77,3 +77,15 @@ def test_from_run_reuses_a_demo_table_instead_of_running_the_demo(tmp_path):
     assert figures.main(["--out", str(out), "--only", "lora_rank_loss", "--from-run", str(run)]) == 0
     data = (out / "demo_rank_sweep.png").read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+
+def test_the_codebook_figure_draws_through_the_public_plotting_api(tmp_path, monkeypatch):
+    from minilora import plotting
+    calls, real = [], plotting.codebook_plot
+
+    def spy(quant_type="nf4", ax=None, **kw):
+        calls.append(quant_type)
+        return real(quant_type, ax=ax, **kw)
+    monkeypatch.setattr(plotting, "codebook_plot", spy)
+    assert figures.main(["--out", str(tmp_path), "--only", "nf4_codebook"]) == 0
+    assert calls == ["nf4", "fp4", "int4"]
