@@ -24,10 +24,11 @@
                                    m_t = a·m_{t−1} + (1 − a)·loss_t; evaluation losses as markers.
 
 Each plot returns its matplotlib Axes and draws into `ax=` when given (else a new figure). `x` may be a NumPy array,
-an array of another minilora backend (CuPy), a Parameter, a `Linear` (its weight), a `Linear4bit` (its weight,
-dequantized), or a LoRA wrapper (its base layer's weight). The quantization round trips run with minilora.quant on
-the array's own backend (`minilora.quant.report.roundtrip`, the quantize-report's schemes); only the results come to
-the host, through `minilora.backend.to_numpy`. A plot of your own tensor is one call:
+an array of another minilora backend (CuPy, numpy-strict), a Parameter, a `Linear` (its weight), a `Linear4bit` (its
+weight, dequantized: Ŵ is already on the code grid, so re-quantizing it with the layer's own scheme gives an error
+near 0), or a LoRA wrapper (its base layer's weight). The quantization round trips run with minilora.quant on the
+array's own backend (`minilora.quant.report.roundtrip`, the quantize-report's schemes); only the results come to the
+host, through `minilora.backend.to_numpy`. A plot of your own tensor is one call:
 
     from minilora.plotting import quant_error_hist, save_png
     ax = quant_error_hist(my_weight)                        # int8 block-wise, NF4, FP4, NF4 + DQ, blocks of 64
