@@ -9,16 +9,22 @@ Per block of `blocksize` consecutive (C-order) elements:
 
 Mirrors the "default" (pure PyTorch) kernels of `bitsandbytes/backends/default/ops.py` (quantize_blockwise,
 quantize_4bit, 0.50.x) bit for bit. bnb's CPU C++ `quantize_blockwise` is a 65,536-bin lookup-table approximation
-that moves ~0.15% of the codes; `quantize_blockwise_lut` below emulates it for byte comparisons.
+that moves ~0.15% of the codes; `quantize_blockwise_lut` below reproduces it (for byte comparisons with bnb on CPU).
 
 Work is done in cache-sized chunks, so the only full-size arrays ever allocated are the outputs.
 """
 from __future__ import annotations
 
 from minilora.backend import get_array_module, to_numpy
-from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array, raise_if_not_finite
+from minilora.quant.checks import (
+    ALLOWED_BLOCKSIZES,
+    check_blocksize,
+    check_code,
+    check_quant_input,
+    raise_if_not_finite,
+)
 from minilora.quant.codebooks import create_dynamic_map, midpoints
-from minilora.quant.state import QuantState
+from minilora.quant.state import QuantState, check_dequantize_args, round_to_bfloat16
 
 CHUNK = 1 << 16          # elements per chunk on NumPy (256 KiB of float32: stays in L2 cache)
 TINY = 1e-38             # bnb clamps absmax to this before dividing (float32 1e-38 is a subnormal: keep it)
@@ -51,7 +57,8 @@ def rows_absmax(blocks, xp):
 def scale_blocks(A, blocksize: int, absmax_out, chunk: int):
     """Yield (start, end, scaled) over the flattened float input; writes each block's absmax into absmax_out.
 
-    `scaled` is a float32 buffer reused between chunks (copy it if you keep it). Raises ValueError on NaN/Inf."""
+    `scaled` is a float32 buffer reused between chunks (copy it if you keep it). Raises ValueError on NaN/Inf (the
+    caller has already refused float64 values beyond the float32 range, which would turn into inf here)."""
     xp = get_array_module(A)
     flat = A.reshape(-1)
     n = flat.size
@@ -69,7 +76,7 @@ def scale_blocks(A, blocksize: int, absmax_out, chunk: int):
         blocks = x.reshape(-1, blocksize)                                # (nb, blocksize)
         a = rows_absmax(blocks, xp)                                      # (nb,)
         if not bool(xp.isfinite(a).all()):
-            raise_if_not_finite(A)
+            _refuse(A)
         absmax_out[s // blocksize:e // blocksize] = a
         inv = xp.float32(1) / xp.maximum(a, xp.float32(TINY))            # (nb,) reciprocal, then multiply
         sc = buf[:e - s]
@@ -79,12 +86,18 @@ def scale_blocks(A, blocksize: int, absmax_out, chunk: int):
         x = flat[full:].astype(xp.float32)                               # (rem,)
         a = xp.abs(x).max()
         if not bool(xp.isfinite(a)):
-            raise_if_not_finite(A)
+            _refuse(A)
         a = xp.maximum(a, xp.float32(TINY))                              # stored clamped, as bnb does
         absmax_out[-1] = a
         yield full, n, x / a
     # No clip to [-1, 1]: bnb clamps, but every midpoint lies strictly inside (-1, 1), so a value at 1 + 1 ulp
     # gets the same code as 1.0. Skipping it saves a pass.
+
+
+def _refuse(A):
+    """A block statistic came out NaN/Inf: raise, naming the offending input values."""
+    raise_if_not_finite(A)
+    raise ValueError("input gave a non-finite block absmax although every value is finite and within float32")
 
 
 def code_lut(code):
@@ -145,11 +158,9 @@ def quantize_blockwise(A, code=None, blocksize: int = 4096):
 
     code=None means the signed dynamic map (bnb's default). Ties go to the lower code; an all-zero block stores
     absmax 0 and code 127 (the map's 0.0). A custom code need not be sorted: we sort it (stable) and map back."""
-    xp = check_float_array(A)
-    check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
-    code = create_dynamic_map(signed=True, xp=xp) if code is None else xp.asarray(code, dtype=xp.float32)
-    if code.size < 2 or code.size > 256:
-        raise ValueError(f"an 8-bit code table needs 2..256 entries, got {code.size}")
+    xp = check_quant_input(A)
+    blocksize = check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    code = create_dynamic_map(signed=True, xp=xp) if code is None else check_code(code, xp)
     n = A.size
     out = xp.empty(n, dtype=xp.uint8)                                    # (n,)
     absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)              # (n_blocks,)
@@ -162,9 +173,12 @@ def quantize_blockwise(A, code=None, blocksize: int = 4096):
 
 
 def dequantize_blockwise(A, quant_state: QuantState):
-    """x' = code[q] * absmax[block] in float32, cast to quant_state.dtype, shaped as quant_state.shape."""
+    """x' = code[q] * absmax[block] in float32, cast to quant_state.dtype, shaped as quant_state.shape.
+
+    TypeError unless A is a uint8 array and quant_state an 8-bit QuantState (a 4-bit one goes to dequantize_4bit);
+    ValueError unless the two describe the same tensor."""
     xp = get_array_module(A)
-    quant_state.check_matches(A)
+    check_dequantize_args(A, quant_state, four_bit=False)
     qs = quant_state
     absmax = qs.absmax
     if qs.nested:                                                        # an 8-bit state can itself be nested
@@ -176,18 +190,24 @@ def dequantize_blockwise(A, quant_state: QuantState):
     head *= absmax[:full // bs, None]
     if full < n:
         vals[full:] *= absmax[-1]
+    if qs.bfloat16:                                                      # a bnb state of a bfloat16 tensor
+        round_to_bfloat16(vals)
     return vals.astype(qs.dtype, copy=False).reshape(qs.shape)
 
 
 def quantize_blockwise_lut(A, code=None, blocksize: int = 4096):
-    """Emulation of bnb 0.50's CPU C++ quantize_blockwise (`csrc/cpu_ops.cpp`): NOT exact nearest-code.
+    """bitsandbytes 0.50's CPU C++ quantize_blockwise (`csrc/cpu_ops.cpp`) reproduced: NOT nearest-code rounding.
 
     A 65,536-bin table over [-1, 1]: bin i stands for v_i = -1 + 2i/65535 and holds #{midpoints < v_i}; each value
-    goes to bin trunc((x*inv + 1) * 0.5 * 65535 + 0.5). About 0.15% of codes differ from `quantize_blockwise`. An
-    all-zero block writes code 0 here (which dequantizes to -0.0), not 127. Test and teaching use only."""
-    xp = check_float_array(A)
-    check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
-    code = create_dynamic_map(signed=True, xp=xp) if code is None else xp.asarray(code, dtype=xp.float32)
+    goes to bin trunc((x*inv + 1) * 0.5 * 65535 + 0.5). About 0.15% of codes differ from `quantize_blockwise` (the
+    exact nearest code). An all-zero block writes code 0 here (which dequantizes to -0.0), not 127.
+
+    bnb on CPU stores these as the nested codes of double quantization, so this is the kernel for a
+    `nested_rounding="bnb-cpu"` option of double quantization (nested codes byte-equal with bnb on CPU); today the
+    bnb parity tests are its only caller. To quantize, use `quantize_blockwise`. Same input checks as it."""
+    xp = check_quant_input(A)
+    blocksize = check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    code = create_dynamic_map(signed=True, xp=xp) if code is None else check_code(code, xp)
     mid, order = midpoints(code)
     v = (xp.float32(-1) + xp.float32(2) * xp.arange(65536, dtype=xp.float32) / xp.float32(65535))
     lut = order.astype(xp.uint8)[xp.searchsorted(mid, v, side="left")]  # (65536,)
@@ -198,6 +218,8 @@ def quantize_blockwise_lut(A, code=None, blocksize: int = 4096):
     for b, s in enumerate(range(0, n, blocksize)):
         x = flat[s:s + blocksize]
         a = xp.abs(x).max()
+        if not bool(xp.isfinite(a)):
+            _refuse(A)
         absmax[b] = a
         if a == 0:
             out[s:s + blocksize] = 0

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from minilora.backend import get_array_module, to_numpy
 from minilora.quant.blockwise import chunk_size, dequantize_blockwise, nearest_code, quantize_blockwise, scale_blocks
-from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_float_array
+from minilora.quant.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_quant_input
 from minilora.quant.codebooks import create_dynamic_map, get_4bit_type
-from minilora.quant.state import VALID_QUANT_TYPES, QuantState
+from minilora.quant.state import VALID_QUANT_TYPES, QuantState, check_dequantize_args, round_to_bfloat16
 
 NESTED_BLOCKSIZE = 256   # bnb's matmul refuses any other nested blocksize
 
@@ -49,9 +49,11 @@ def pack_4bit(q, out=None):
 
 
 def quantize_4bit(A, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = False):
-    """A (any shape, float16/32/64) -> (packed uint8 ((n+1)//2, 1), QuantState). See the module docstring."""
-    xp = check_float_array(A)
-    check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    """A (any shape, float16/32/64) -> (packed uint8 ((n+1)//2, 1), QuantState). See the module docstring.
+
+    ValueError for NaN/Inf, for float64 values beyond the float32 range, an unknown quant_type or block size."""
+    xp = check_quant_input(A)
+    blocksize = check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
     if quant_type not in VALID_QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {VALID_QUANT_TYPES}, got {quant_type!r}")
     n = A.size
@@ -115,14 +117,12 @@ def pair_table(code, xp):
 def dequantize_4bit(A, quant_state: QuantState, out=None):
     """packed bytes + QuantState -> array of quant_state.shape and dtype. ValueError if they do not match.
 
+    A state read from a bitsandbytes file of a bfloat16 model (dtype "bfloat16", which NumPy lacks) dequantizes to
+    float32 holding bnb's bfloat16 values: code[q] * absmax in float32, rounded to bfloat16 (nearest, ties to even).
     out: an optional array of that shape and dtype to write into (bnb has the same keyword). A QLoRA layer that
     dequantizes on every forward and backward can reuse one buffer and skip the page faults of a fresh one."""
     xp = get_array_module(A)
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
-    if quant_state.quant_type not in VALID_QUANT_TYPES:
-        raise ValueError(f"not a 4-bit QuantState (quant_type={quant_state.quant_type!r})")
-    quant_state.check_matches(A)
+    check_dequantize_args(A, quant_state, four_bit=True)
     qs, bs, n = quant_state, quant_state.blocksize, quant_state.numel
     absmax = dequantize_absmax(qs)                                       # (n_blocks,) float32
     lut = pair_table(qs.code, xp)                                        # (256,)
@@ -159,6 +159,8 @@ def dequantize_4bit(A, quant_state: QuantState, out=None):
             dst[max(full, s) - s:] *= absmax[-1]
         if not out32:
             out[s:e] = dst
+    if qs.bfloat16:
+        round_to_bfloat16(out)
     if result is not None:
         if n % 2:                                                        # odd n: the pad slot needed a copy
             result.reshape(-1)[...] = out[:n]

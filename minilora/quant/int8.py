@@ -6,6 +6,10 @@ Three granularities share the formula; only where absmax is taken differs:
     block-wise    one absmax per block of `blocksize`   (the idea QLoRA's 4-bit scheme builds on)
 Rounding is half to even (torch.round / NumPy round); -128 is never produced. An all-zero row or block stores
 absmax 0 and codes 0 (bnb computes 127/0 = inf, 0*inf = NaN and casts NaN to int8; we make the 0 explicit).
+Likewise where absmax is so small (< ~3.7e-37, subnormal territory) that float32 1/absmax * 127 overflows, bnb
+casts inf to int8 (undefined); there the codes are computed as round(x * (127 / absmax)) in float64.
+Input is checked as for every quantizer (quant/checks.py): float16/32/64, finite, within the float32 range; the
+dequantizers check that the statistics fit the codes (one per row, per block, or one for the tensor).
 
 Row-wise mirrors `bitsandbytes/backends/default/ops.py` int8_vectorwise_quant and `functional.py`
 int8_vectorwise_dequant (0.50.x) bit for bit, including the operation order:
@@ -15,8 +19,10 @@ last bit for some rows, which flips exact .5 ties, e.g. 63.5 vs 63.499996.)
 """
 from __future__ import annotations
 
+import contextlib
+
 from minilora.backend import get_array_module
-from minilora.quant.checks import check_blocksize, check_float_array, raise_if_not_finite
+from minilora.quant.checks import check_blocksize, check_quant_input, raise_if_not_finite
 
 INV127 = 7.874015718698502e-3    # float32(1/127), multiplied last, as bnb does
 
@@ -25,16 +31,37 @@ def _absmax_quant(A, absmax):
     """round(A * (1/absmax * 127)) with absmax broadcastable to A (float32), zeros where absmax == 0."""
     xp = get_array_module(A)
     safe = xp.where(absmax > 0, absmax, xp.float32(1))                  # avoid 127/0; those rows are all zero
-    scale = (xp.float32(1) / safe) * xp.float32(127)                    # torch's 127.0 / t: reciprocal, then * 127
-    q = xp.rint(A.astype(xp.float32) * scale)                           # half to even
+    quiet = xp.errstate(over="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
+    with quiet:
+        scale = (xp.float32(1) / safe) * xp.float32(127)                # torch's 127.0 / t: reciprocal, then * 127
+    q = xp.rint(A.astype(xp.float32) * xp.where(xp.isfinite(scale), scale, xp.float32(0)))   # half to even
+    tiny = ~xp.isfinite(scale)                                          # 1/absmax * 127 overflowed float32
+    if bool(tiny.any()):
+        exact = xp.rint(A.astype(xp.float64) * (127.0 / safe.astype(xp.float64)))   # |exact| <= 127
+        q = xp.where(tiny, exact.astype(xp.float32), q)
     q = xp.where(absmax > 0, q, xp.float32(0))
     return q.astype(xp.int8)
 
 
 def _check(A):
-    xp = check_float_array(A, "A")
+    """The guard of every int8 quantizer: float16/32/64, finite, within the float32 range."""
+    xp = check_quant_input(A, "A")
     if A.size and not bool(xp.isfinite(A).all()):
         raise_if_not_finite(A, "A")
+    return xp
+
+
+def _check_codes(q, stats, name: str, want_shape: tuple):
+    """The guard of every int8 dequantizer: int8 codes, and statistics of exactly the shape they need."""
+    if not hasattr(q, "dtype") or not hasattr(q, "shape"):
+        raise TypeError(f"int8 codes must be an array, got {type(q).__name__}")
+    xp = get_array_module(q)
+    if q.dtype != xp.int8:
+        raise TypeError(f"int8 codes must have dtype int8, got {q.dtype}")
+    shape = tuple(getattr(stats, "shape", ()))
+    if shape != tuple(want_shape):
+        raise ValueError(f"{name} must have shape {tuple(want_shape)} for codes of shape {tuple(q.shape)}, got "
+                         f"shape {shape}; pass the statistics the quantizer returned with these codes")
     return xp
 
 
@@ -60,8 +87,8 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
 
 
 def int8_vectorwise_dequant(A, stats):
-    """(q * row_stats) * float32(1/127), float32 (bnb's exact order of operations)."""
-    xp = get_array_module(A)
+    """(q * row_stats) * float32(1/127), float32 (bnb's exact order of operations). row_stats: one per row."""
+    xp = _check_codes(A, stats, "row_stats", A.shape[:-1])
     return (A.astype(xp.float32) * stats[..., None].astype(xp.float32)) * xp.float32(INV127)
 
 
@@ -73,7 +100,8 @@ def int8_tensorwise_quant(A):
 
 
 def int8_tensorwise_dequant(q, absmax):
-    xp = get_array_module(q)
+    """(q * absmax) * float32(1/127), float32; absmax is the one scalar int8_tensorwise_quant returned."""
+    xp = _check_codes(q, get_array_module(q).asarray(absmax), "absmax", ())
     return (q.astype(xp.float32) * xp.asarray(absmax, dtype=xp.float32)) * xp.float32(INV127)
 
 
@@ -82,7 +110,7 @@ def int8_blockwise_quant(A, blocksize: int = 64):
 
     The last block may be partial; it gets its own absmax."""
     xp = _check(A)
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     flat = A.reshape(-1).astype(xp.float32)                             # (n,)
     n = flat.size
     n_blocks = -(-n // blocksize)
@@ -95,7 +123,13 @@ def int8_blockwise_quant(A, blocksize: int = 64):
 
 
 def int8_blockwise_dequant(q, absmax, blocksize: int = 64):
-    xp = get_array_module(q)
+    """(q * absmax[block]) * float32(1/127), float32; absmax and blocksize as int8_blockwise_quant returned/took."""
+    blocksize = check_blocksize(blocksize)
+    n_blocks = -(-int(getattr(q, "size", 0)) // blocksize)
+    if getattr(absmax, "ndim", None) == 1 and absmax.size != n_blocks:
+        raise ValueError(f"{absmax.size} absmax entries given, but {q.size} codes in blocks of {blocksize} need "
+                         f"{n_blocks}: pass the blocksize the codes were quantized with")
+    xp = _check_codes(q, absmax, "absmax", (n_blocks,))
     flat = q.reshape(-1).astype(xp.float32)                             # (n,)
     scale = xp.repeat(absmax.astype(xp.float32), blocksize)[:flat.size]  # (n,)
     return ((flat * scale) * xp.float32(INV127)).reshape(q.shape)

@@ -191,7 +191,7 @@ def test_from_dict_refuses_states_no_quantization_produces(nested):
     QuantState.from_dict(d)                                            # the untouched dict loads
     nan_map = d["quant_map"].copy()
     nan_map[3] = np.nan
-    bad = {"blocksize must be a positive": _repacked(d, blocksize=0),
+    bad = {"blocksize: unsupported blocksize 0": _repacked(d, blocksize=0),
            "negative dimension": _repacked(d, shape=[-8, -64]),
            "dtype must be float16": _repacked(d, dtype="int8"),
            "quant_map must be 16 finite": {**d, "quant_map": d["quant_map"][:15]},

@@ -19,6 +19,7 @@ from minilora.quant import (
     QuantState,
     create_dynamic_map,
     dequantize_4bit,
+    dequantize_absmax,
     dequantize_blockwise,
     get_4bit_type,
     int8_blockwise_dequant,
@@ -66,7 +67,6 @@ OVERFLOW_INPUTS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="float64 beyond float32 quantizes to inf absmax and NaN values")
 @pytest.mark.parametrize("case", OVERFLOW_INPUTS)
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_float64_beyond_the_float32_range_is_refused_by_every_quantizer(quantizer, case):
@@ -77,14 +77,12 @@ def test_float64_beyond_the_float32_range_is_refused_by_every_quantizer(quantize
     assert f"{count} value" in msg and f"flat index {first}" in msg and value in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="double quantization blames NaN that the input does not hold")
 def test_double_quantization_names_the_range_not_nan():
     with pytest.raises(ValueError, match="outside the float32 range") as e:
         quantize_4bit(np.array([1e39, 1.0] * 32), compress_statistics=True)
     assert "NaN" not in str(e.value).split(";")[0]
 
 
-@pytest.mark.xfail(strict=True, reason="float64 beyond float32 quantizes to inf absmax and NaN values")
 @settings(max_examples=40, deadline=None)
 @given(big=st.floats(min_value=np.nextafter(F32_MAX, np.inf), max_value=1.7e308), negative=st.booleans(),
        where=st.integers(0, 199), quantizer=st.sampled_from(sorted(QUANTIZERS)))
@@ -103,9 +101,7 @@ def test_the_float32_extremes_themselves_quantize_to_finite_values(quantizer):
     assert np.isfinite(stats).all()
 
 
-@pytest.mark.parametrize("quantizer", [pytest.param(q, marks=pytest.mark.xfail(
-    strict=True, reason="the LUT emulation does not check its input")) if q == "blockwise-lut" else q
-    for q in QUANTIZERS])
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_float16_infinity_is_refused_and_float16_max_is_fine(quantizer):
     a = np.linspace(-1, 1, 64).astype(np.float16)
     a[5] = np.inf
@@ -117,7 +113,6 @@ def test_float16_infinity_is_refused_and_float16_max_is_fine(quantizer):
     assert np.isfinite(stats).all()
 
 
-@pytest.mark.xfail(strict=True, reason="int8 scale 127/absmax overflows to inf for tiny rows: undefined int8 casts")
 @pytest.mark.parametrize("quantizer", ["int8-vectorwise", "int8-tensorwise", "int8-blockwise"])
 def test_int8_rows_with_a_tiny_absmax_still_round_to_plus_minus_127(quantizer):
     a = np.zeros(64, np.float32)
@@ -129,7 +124,6 @@ def test_int8_rows_with_a_tiny_absmax_still_round_to_plus_minus_127(quantizer):
 
 # --- block sizes ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="NumPy integers are refused as block sizes")
 @pytest.mark.parametrize("bs", [np.int64(64), np.int32(128), np.uint16(256)])
 def test_numpy_integer_block_sizes_equal_to_an_allowed_size_are_accepted(bs):
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
@@ -153,7 +147,6 @@ def test_other_block_sizes_are_refused(bs):
 
 # --- code tables ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="custom code tables are not checked")
 @pytest.mark.parametrize("code, match", [
     (np.array([np.nan, -1, 0, 1.0]), "finite"),
     (np.array([-2.0, 0, 2.0]), r"\[-1, 1\]"),
@@ -167,14 +160,12 @@ def test_a_custom_code_table_must_be_finite_1d_and_within_plus_minus_one(f, code
 
 # --- dequantization arguments -----------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a 4-bit state in dequantize_blockwise ends in an IndexError")
 def test_dequantize_blockwise_refuses_a_4bit_state():
     p, s = quantize_4bit(np.random.default_rng(0).standard_normal(256).astype(np.float32))
     with pytest.raises(ValueError, match="4-bit.*dequantize_4bit"):
         dequantize_blockwise(p, s)
 
 
-@pytest.mark.xfail(strict=True, reason="a list of codes ends in an AttributeError")
 def test_dequantizers_refuse_codes_that_are_not_an_array():
     p, s = quantize_4bit(np.ones(64, np.float32))
     with pytest.raises(TypeError, match="uint8 array"):
@@ -184,7 +175,6 @@ def test_dequantizers_refuse_codes_that_are_not_an_array():
         dequantize_blockwise(q.tolist(), s8)
 
 
-@pytest.mark.xfail(strict=True, reason="int8 dequantizers broadcast or crash on statistics that do not fit")
 def test_int8_dequantizers_refuse_statistics_that_do_not_fit():
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     q, stats, _ = int8_vectorwise_quant(x)
@@ -207,7 +197,6 @@ def _state(nested=False, quant_type="nf4"):
     return p, s.as_dict(packed=True)
 
 
-@pytest.mark.xfail(strict=True, reason="tampered statistics and code tables load and dequantize to wrong weights")
 @pytest.mark.parametrize("nested", [False, True])
 def test_from_dict_refuses_tampered_statistics_and_tables(nested):
     _, d = _state(nested)
@@ -229,7 +218,6 @@ def test_from_dict_refuses_tampered_statistics_and_tables(nested):
             QuantState.from_dict(broken)
 
 
-@pytest.mark.xfail(strict=True, reason="malformed fields end in raw TypeError/KeyError without the key's name")
 @pytest.mark.parametrize("field, value", [
     ("shape", "abc"), ("shape", None), ("shape", [True, 3072]), ("blocksize", "x"), ("blocksize", 100),
     ("dtype", 12), ("nested_offset", "abc"), ("nested_offset", MISSING), ("nested_blocksize", MISSING),
@@ -241,7 +229,6 @@ def test_from_dict_names_the_malformed_field(field, value):
         QuantState.from_dict(broken)
 
 
-@pytest.mark.xfail(strict=True, reason="a non-dict argument or packed JSON list ends in a raw TypeError")
 def test_from_dict_refuses_what_is_not_a_state_dict():
     with pytest.raises(TypeError, match="dict"):
         QuantState.from_dict(None)
@@ -253,7 +240,6 @@ def test_from_dict_refuses_what_is_not_a_state_dict():
         QuantState.from_dict({**d, key: np.frombuffer(b"[1, 2]", np.uint8).copy()})
 
 
-@pytest.mark.xfail(strict=True, reason="8-bit states cannot be rebuilt from their own dict")
 def test_an_8bit_state_round_trips_through_its_dict():
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     q, s = quantize_blockwise(x, blocksize=256)
@@ -286,7 +272,6 @@ def _bf16_round(x32):
     return b.astype(np.uint32).view(np.float32)
 
 
-@pytest.mark.xfail(strict=True, reason="dtype 'bfloat16' ends in a raw NumPy TypeError")
 @pytest.mark.parametrize("nested", [False, True])
 def test_a_bfloat16_state_dequantizes_to_float32_holding_bfloat16_values(nested):
     p, d = _state(nested)
@@ -301,20 +286,30 @@ def test_a_bfloat16_state_dequantizes_to_float32_holding_bfloat16_values(nested)
     assert meta["dtype"] == "bfloat16"                                    # written back as it was read
 
 
-@pytest.mark.xfail(strict=True, reason="dtype 'bfloat16' ends in a raw NumPy TypeError")
+@pytest.mark.parametrize("shape", [(8, 64), (64, 96)])
 @pytest.mark.parametrize("nested", [False, True])
-def test_a_bfloat16_state_written_by_bitsandbytes_dequantizes_to_its_values(nested):
+def test_a_bfloat16_state_written_by_bitsandbytes_dequantizes_to_its_values(nested, shape):
+    """minilora must equal bnb's definition, code[q] * absmax in float32 rounded to bfloat16, computed by hand from
+    bnb's own state. bnb's CPU kernel is compared with that hand computation separately: where it deviates (its
+    AVX-512 dequantize_4bit does on some shapes, float32 too), the test ends as an xfail that counts the values."""
     torch = pytest.importorskip("torch")
     F = pytest.importorskip("bitsandbytes.functional")
-    w = torch.from_numpy(np.random.default_rng(3).standard_normal((64, 96)).astype(np.float32)).to(torch.bfloat16)
+    w = torch.from_numpy(np.random.default_rng(3).standard_normal(shape).astype(np.float32)).to(torch.bfloat16)
     packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
-    theirs = F.dequantize_4bit(packed, qs).float().numpy()
     d = {k: v.numpy() for k, v in qs.as_dict(packed=True).items()}
     s = QuantState.from_dict(d)
+    assert s.bfloat16 and s.dtype == np.float32
     ours = dequantize_4bit(packed.numpy(), s)
-    # bnb's offset is torch's float32 mean of the absmax; ours is recomputed from the file, so values must agree
-    # to the bit: the state is read, not re-derived.
-    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    p = packed.numpy().reshape(-1)
+    q = np.stack([p >> 4, p & 15], axis=1).reshape(-1)                       # (n,) codes, high nibble first
+    absmax = qs.absmax.numpy() if not nested else dequantize_absmax(s)      # bnb's float32 absmax per block
+    hand = torch.from_numpy(s.code[q] * np.repeat(absmax, 64)).to(torch.bfloat16).float().numpy().reshape(shape)
+    np.testing.assert_array_equal(ours.view(np.uint32), hand.view(np.uint32))
+    theirs = F.dequantize_4bit(packed, qs).float().numpy()
+    bad = int((theirs.view(np.uint32) != hand.view(np.uint32)).sum())
+    if bad:
+        pytest.xfail(f"bitsandbytes' CPU dequantize_4bit deviates from code[q] * absmax on {bad} of {hand.size} "
+                     f"values (an upstream kernel fault; minilora equals the hand computation)")
 
 
 def test_double_quantization_nested_table_is_the_dynamic_map():
