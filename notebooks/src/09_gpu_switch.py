@@ -1,5 +1,26 @@
 # %% [markdown]
-# # 09 · The GPU switch: the same code on NumPy and CuPy
+# # 09 · Appendix: the GPU switch — the same code on NumPy and CuPy
+#
+# > **Read this first.** This appendix has **never run on a GPU in this project's continuous integration**: the
+# > machines that build and test the course have no GPU. The outputs stored with it come from a CPU-only machine
+# > (NumPy; the first cell prints the versions, the next one why CuPy was not used), so every comparison below says
+# > "(no GPU)". The code is the same that runs on a GPU. To run the comparison on a machine with a CUDA GPU, one
+# > command installs CuPy and re-executes this notebook in place, storing the GPU outputs:
+# >
+# > ```bash
+# > pip install -e ".[gpu,notebooks]" && python notebooks/build_notebooks.py 09
+# > ```
+#
+# **The idea in one sentence:** every compute module asks `minilora.backend` for its array module instead of
+# importing NumPy, so switching one setting moves the whole library to CuPy on a GPU.
+#
+# **After this appendix you can**
+# - switch minilora between NumPy and CuPy three ways, and say what happens when CuPy cannot run;
+# - explain why quantized bytes must be identical across backends while floats only agree to rounding;
+# - time GPU code correctly (warm-up, synchronize before reading the clock).
+#
+# **Prerequisites:** notebooks 03 (NF4), 05 (LoRA backward) and 06 (the tiny GPT). **Time:** about 20 minutes to
+# read; the comparison itself needs a CUDA GPU with CuPy.
 #
 # No minilora compute module imports NumPy. Each one asks `minilora.backend` for its array module:
 # `xp = get_array_module(x)` follows the input array, `xp = xp_current()` is where new arrays are created. CuPy
@@ -12,6 +33,7 @@
 
 # %%
 # %matplotlib inline
+import os
 import platform
 import time
 
@@ -22,6 +44,7 @@ from minilora.backend import BackendUnavailableError, to_numpy, use_backend
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | minilora {minilora.__version__} "
       f"| backend {minilora.get_backend()}")
+print(f"this run: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores visible")
 
 # %% [markdown]
 # ## 1. Which backends can run here?
@@ -110,7 +133,8 @@ for name, r in quant.items():
 if "cupy" in quant:
     same = (np.array_equal(quant["numpy"]["packed"], quant["cupy"]["packed"])
             and np.array_equal(quant["numpy"]["absmax_codes"], quant["cupy"]["absmax_codes"]))
-    print(f"packed NF4 bytes NumPy vs CuPy identical: {same} ({quant['numpy']['nbytes']:,} vs {quant['cupy']['nbytes']:,} bytes)")
+    print(f"packed NF4 bytes NumPy vs CuPy identical: {same} "
+          f"({quant['numpy']['nbytes']:,} vs {quant['cupy']['nbytes']:,} bytes)")
     print(f"quantize speed-up on the GPU: {quant['numpy']['t_quant'] / quant['cupy']['t_quant']:.1f}x, "
           f"dequantize: {quant['numpy']['t_dequant'] / quant['cupy']['t_dequant']:.1f}x")
 else:
@@ -202,7 +226,8 @@ def experiment_gpt(name):
 
 gpt = {name: experiment_gpt(name) for name in BACKENDS}
 for name, r in gpt.items():
-    print(f"{name:<6} loss {r['loss']:.6f} (ln 256 = {np.log(256):.6f} for a uniform guess) | one step {r['t'] * 1e3:6.1f} ms")
+    print(f"{name:<6} loss {r['loss']:.6f} (ln 256 = {np.log(256):.6f} for a uniform guess) "
+          f"| one step {r['t'] * 1e3:6.1f} ms")
 if "cupy" in gpt:
     g_n, g_c = gpt["numpy"]["grad"], gpt["cupy"]["grad"]
     print(f"  |loss NumPy - loss CuPy| = {abs(gpt['numpy']['loss'] - gpt['cupy']['loss']):.1e}; "
@@ -227,3 +252,24 @@ for label, res, key in rows:
     else:
         print(f"{label:<26} {t_np:8.1f}ms {'(no GPU)':>10} {'-':>7}")
 print(f"\nbackend now: {minilora.get_backend()} (use_backend restored it after every experiment)")
+
+# %% [markdown]
+# ## Recap
+#
+# - minilora's compute code never imports NumPy directly; `use_backend`, `set_backend` or `MINILORA_BACKEND` choose
+#   NumPy or CuPy, and an unusable CuPy raises `BackendUnavailableError` instead of falling back silently.
+# - Quantized bytes are the result of the same exact operations, so they must be identical on both backends;
+#   floating-point results agree to rounding, because BLAS and cuBLAS sum in different orders.
+# - GPU timings need a warm-up run and a synchronize before the clock is read.
+# - The stored outputs are CPU-only; the command at the top runs the comparison where a GPU exists.
+#
+# ## Exercises
+#
+# 1. Write a function that takes any array (NumPy or CuPy) and returns its absmax-int8 quantization using only the
+#    array module returned by `get_array_module(x)`; check it on NumPy (and on CuPy if you have a GPU).
+# 2. Why would `np.asarray(x)` inside a library function silently break the GPU path? Find the helper minilora uses
+#    to bring results back to the host.
+# 3. Time `quantize_4bit` without the warm-up run and without the synchronize. On a GPU, which of the two mistakes
+#    changes the number more?
+#
+# The graded versions are in `exercises/ex09_*.py`; check your work with `python3 -m pytest exercises/test_ex09_*.py`.
