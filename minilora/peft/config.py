@@ -124,6 +124,12 @@ class LoraConfig:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf") \
                         or (kind == "integer" and int(v) != v):
                     raise ValueError(f"`{name}[{k!r}]` = {v!r} must be a positive {kind}")
+        for name, pattern, used_as in _regexes(self):
+            try:
+                re.compile(used_as)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"`{name}` pattern {pattern!r} is not a valid regular expression ({e}); escape "
+                                 "literal characters with re.escape") from None
 
     @property
     def is_prompt_learning(self) -> bool:  # PEFT API; LoRA is never prompt learning
@@ -189,6 +195,20 @@ class LoraConfig:
     def from_pretrained(cls, directory) -> LoraConfig:
         path = Path(directory) / CONFIG_NAME
         return cls.from_dict(load_json(path), source=str(path))
+
+
+def _regexes(config):
+    """(field, pattern, the regex the matching rules build from it) for every pattern a config holds."""
+    for name in ("target_modules", "exclude_modules"):
+        p = getattr(config, name)
+        if isinstance(p, str):
+            yield name, p, p
+    for name in ("rank_pattern", "alpha_pattern"):
+        for p in getattr(config, name):
+            yield name, p, rf"(.*\.)?({p})$" if isinstance(p, str) else p
+    lp = config.layers_pattern
+    for p in [lp] if isinstance(lp, str) else lp or []:
+        yield "layers_pattern", p, rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." if isinstance(p, str) else p
 
 
 def _dedup(x):

@@ -26,10 +26,12 @@ import warnings
 from minilora.backend import default_rng
 from minilora.nn.layers import Linear
 from minilora.nn.linear4bit import Linear4bit
-from minilora.nn.lora import LoRALinear, QLoRALinear
+from minilora.nn.lora import LoRALinear, QLoRALinear, check_adapter_name
 from minilora.nn.module import Module, ModuleDict
 from minilora.peft import save_and_load as sl
 from minilora.peft.config import LoraConfig, find_targets, resolve_target_modules, warn_fan_in_fan_out
+
+LORA_PREFIX = "lora_"                                # PEFT_TYPE_TO_PREFIX_MAPPING[LORA]: the parameter-name prefix
 
 
 class ModulesToSaveWrapper(Module):
@@ -89,6 +91,7 @@ class LoraModel(Module):
     def inject_adapter(self, config: LoraConfig, adapter_name: str, rng=None) -> None:
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a LoraConfig, got {type(config).__name__}")
+        _check_new_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         # modules inside a wrapper (a LoRA layer's base_layer, a saved module's copies) are never targets themselves
@@ -333,12 +336,24 @@ class PeftModel(Module):
 
     # ---- files ------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, selected_adapters=None, **_ignored) -> None:
-        """Write PEFT's adapter folder(s): "default" at the top, other adapters in sub-folders named after them."""
+        """Write PEFT's adapter folder(s): "default" at the top, other adapters in sub-folders named after them.
+
+        Every name and target folder is checked before the first file is written."""
+        if isinstance(selected_adapters, str):
+            raise TypeError(f"selected_adapters must be a list of adapter names, got the str {selected_adapters!r}; "
+                            f"pass [{selected_adapters!r}]")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if not names:
+            raise ValueError("no adapter to save: this model has none left (deleted?) or selected_adapters is empty; "
+                             "add_adapter or load_adapter one first")
+        for name in names:
+            check_adapter_name(name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
                              f"are {list(self.peft_config)} - got {unknown}.")
+        for name in names:
+            sl.save_target(save_directory, name)
         for name in names:
             sl.save_adapter(self.base_model.model, self.peft_config[name], save_directory, name)
 
@@ -349,11 +364,13 @@ class PeftModel(Module):
 
         is_trainable=False (PEFT's default) freezes the adapter and puts the model in eval mode. strict=True turns
         PEFT's missing-keys warning into a ValueError."""
+        _check_new_adapter_name(adapter_name)
         config, tensors = sl.read_adapter(model_id)
         config.inference_mode = not is_trainable
-        pm = cls(model, config, adapter_name, rng=rng)
-        pm._load_results[adapter_name] = sl.set_peft_model_state_dict(pm.base_model.model, tensors, adapter_name,
-                                                                      config, strict=strict)
+        with _unchanged_on_failure(model):             # a failed load leaves the caller's model as it was
+            pm = cls(model, config, adapter_name, rng=rng)
+            pm._load_results[adapter_name] = sl.set_peft_model_state_dict(pm.base_model.model, tensors,
+                                                                          adapter_name, config, strict=strict)
         if not is_trainable:
             pm.eval()
         return pm
@@ -361,18 +378,52 @@ class PeftModel(Module):
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, strict: bool = False, rng=None):
         """Load another adapter folder under `adapter_name` (inactive until set_adapter); returns the load result
         (missing_keys, unexpected_keys)."""
+        _check_new_adapter_name(adapter_name)
         config, tensors = sl.read_adapter(model_id)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, rng=rng)
         try:
-            res = sl.set_peft_model_state_dict(self.base_model.model, tensors, adapter_name, config, strict=strict)
+            with _unchanged_on_failure(self.base_model.model):   # no wrapper left on newly targeted layers
+                self.add_adapter(adapter_name, config, rng=rng)
+                res = sl.set_peft_model_state_dict(self.base_model.model, tensors, adapter_name, config,
+                                                   strict=strict)
         except Exception:
-            self.delete_adapter(adapter_name)           # leave the model as it was before the failed load
+            if adapter_name in self.peft_config:            # leave the model as it was before the failed load
+                self.delete_adapter(adapter_name)
             raise
         if not is_trainable:
             self.eval()
         self._load_results[adapter_name] = res
         return res
+
+
+def _check_new_adapter_name(name) -> None:
+    """A plain folder name (see check_adapter_name); PEFT's warning for a name inside its parameter prefix."""
+    check_adapter_name(name)
+    if name in LORA_PREFIX:
+        warnings.warn(f"Adapter name {name} should not be contained in the prefix {LORA_PREFIX}. PEFT may then "
+                      "reinitialize the adapter weights when it loads them (minilora does not).", UserWarning,
+                      stacklevel=4)
+
+
+@contextlib.contextmanager
+def _unchanged_on_failure(model):
+    """On an exception, put back every module of `model` that was replaced, and each parameter's requires_grad and
+    each module's training flag, then re-raise: a failed load changes nothing in the caller's model."""
+    modules = list(model.named_modules())              # parents before children
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for _, m in modules]
+    try:
+        yield
+    except BaseException:
+        for name, m in modules:
+            if name and model.get_submodule(name) is not m:
+                model.set_submodule(name, m)
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad = flag
+        for m, mode in modes:
+            m.training = mode
+        raise
 
 
 def get_peft_model(model, peft_config: LoraConfig, adapter_name: str = "default", rng=None) -> PeftModel:

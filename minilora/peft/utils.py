@@ -45,6 +45,12 @@ def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = T
     if isinstance(model, PeftModel):
         raise ValueError("quantize the base model before get_peft_model (QLoRA wraps Linear4bit layers)")
     skip = list(skip_modules or ())
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"quantize_model: target_modules pattern {target_modules!r} is not a valid regular "
+                             f"expression ({e}); pass a list of names or escape it with re.escape") from None
     adapters = {id(lin) for m in model.modules() if isinstance(m, LoRALinear)   # LoRA's A and B are Linears too,
                 for d in (m.lora_A, m.lora_B) for lin in d.values()}            # trained in float: never quantized
     chosen = []

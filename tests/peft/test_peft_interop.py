@@ -103,7 +103,8 @@ def test_file_layout_is_peft_layout(tmp_path):
         for i in range(2) for ab, s in (("lora_A", (2, 16)), ("lora_B", (48, 2)))}
     with open(tmp_path / WEIGHTS_NAME, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        assert json.loads(f.read(n))["__metadata__"] == {"format": "pt"}
+        meta = json.loads(f.read(n))["__metadata__"]             # PEFT's {"format": "pt"}, plus the digest of
+    assert meta.pop("minilora_config_sha256") and meta == {"format": "pt"}   # the scaling config (PEFT ignores it)
     # a non-default adapter goes to a sub-folder named after it, keys without the adapter name
     t2 = load_file(str(tmp_path / "other" / WEIGHTS_NAME))
     assert sorted(t2) == sorted(f"base_model.model.transformer.h.{i}.mlp.c_fc.{ab}.weight"

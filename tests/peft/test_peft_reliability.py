@@ -19,7 +19,6 @@ from minilora.nn import GPT, GPTConfig, Linear, LoRALinear
 from minilora.peft import LoraConfig, PeftModel, get_peft_model, quantize_model
 from minilora.peft.config import CONFIG_NAME, WEIGHTS_NAME
 
-XF = pytest.mark.xfail(strict=True, reason="not refused or not kept yet")
 CFG = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
 
@@ -44,20 +43,24 @@ def trained(pm, seed=0):
     return pm
 
 
+def as_peft_writes_it(path: Path):
+    """Re-write an adapter tensors file with PEFT's metadata only ({"format": "pt"}), as a file from PEFT would be."""
+    from safetensors.numpy import load_file, save_file
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt"})
+
+
 def files_under(root: Path) -> set:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 # ---- adapter names ------------------------------------------------------------------------------------------------
 
-ESCAPING = ["/abs/outside", "a/b", "a\\b", "x\x00y", "C:x"]          # a path: separator, NUL, drive
-DOTTED = ["..", "../x", "", ".", "a.b"]                                  # empty, or a '.' (module keys)
-ENTRIES = ["get_peft_model", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained"]
-CASES = [pytest.param(e, n, marks=XF if n in ESCAPING and e != "save_pretrained" else (), id=f"{e}-{n!r}")
-         for e in ENTRIES for n in ESCAPING + DOTTED]
+BAD_NAMES = ["/abs/outside", "a/b", "a\\b", "x\x00y", "C:x", "..", "../x", "", ".", "a.b", "tab\there", 7]
 
 
-@pytest.mark.parametrize("entry, name", CASES)
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+@pytest.mark.parametrize("entry", ["get_peft_model", "add_adapter", "load_adapter", "from_pretrained",
+                                   "save_pretrained"])
 def test_every_entry_point_refuses_a_name_that_is_not_one_plain_folder_name(tmp_path, name, entry):
     saved = tmp_path / "saved"
     trained(get_peft_model(gpt(), lora_cfg())).save_pretrained(saved)
@@ -78,7 +81,6 @@ def test_every_entry_point_refuses_a_name_that_is_not_one_plain_folder_name(tmp_
     assert files_under(tmp_path) == before
 
 
-@XF
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.text(min_size=0, max_size=12))
 def test_any_accepted_name_saves_into_one_folder_inside_the_save_directory(tmp_path, name):
@@ -96,13 +98,11 @@ def test_any_accepted_name_saves_into_one_folder_inside_the_save_directory(tmp_p
     assert (target / CONFIG_NAME).is_file() and (target / WEIGHTS_NAME).is_file()
 
 
-@XF
 def test_adapter_name_inside_peft_s_prefix_warns_as_peft_does():
     with pytest.warns(UserWarning, match="should not be contained in the prefix lora_"):
         get_peft_model(gpt(), lora_cfg(), adapter_name="lora")
 
 
-@XF
 def test_save_refuses_a_symlinked_adapter_subfolder_that_leads_outside(tmp_path):
     pm = get_peft_model(gpt(), lora_cfg())
     pm.add_adapter("other", lora_cfg())
@@ -116,7 +116,6 @@ def test_save_refuses_a_symlinked_adapter_subfolder_that_leads_outside(tmp_path)
     assert list(outside.iterdir()) == []
 
 
-@XF
 @pytest.mark.parametrize("which", [CONFIG_NAME, WEIGHTS_NAME])
 def test_load_refuses_an_adapter_file_that_is_a_symlink_leading_outside(tmp_path, which):
     trained(get_peft_model(gpt(), lora_cfg())).save_pretrained(tmp_path / "real")
@@ -148,7 +147,6 @@ def retype_header(path: Path, new_dtype: str):
     path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
 
 
-@XF
 @pytest.mark.parametrize("dtype", ["I32", "U32"])
 def test_an_adapter_whose_header_says_integer_is_refused(tmp_path, dtype):
     trained(get_peft_model(gpt(), lora_cfg())).save_pretrained(tmp_path)
@@ -157,7 +155,6 @@ def test_an_adapter_whose_header_says_integer_is_refused(tmp_path, dtype):
         PeftModel.from_pretrained(gpt(), tmp_path)
 
 
-@XF
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
 def test_integer_or_bool_adapter_tensors_are_refused_not_cast(tmp_path, dtype):
     from safetensors.numpy import save_file
@@ -170,7 +167,6 @@ def test_integer_or_bool_adapter_tensors_are_refused_not_cast(tmp_path, dtype):
         PeftModel.from_pretrained(gpt(), tmp_path)
 
 
-@XF
 def test_save_pretrained_with_no_adapter_left_is_an_error(tmp_path):
     pm = get_peft_model(gpt(), lora_cfg())
     with warnings.catch_warnings():
@@ -181,14 +177,12 @@ def test_save_pretrained_with_no_adapter_left_is_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@XF
 def test_selected_adapters_given_as_one_string_is_a_clear_error(tmp_path):
     pm = get_peft_model(gpt(), lora_cfg())
     with pytest.raises(TypeError, match="list of adapter names"):
         pm.save_pretrained(tmp_path, selected_adapters="default")
 
 
-@XF
 def test_save_into_a_path_that_is_a_file_is_a_clear_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
@@ -196,7 +190,6 @@ def test_save_into_a_path_that_is_a_file_is_a_clear_error(tmp_path):
         get_peft_model(gpt(), lora_cfg()).save_pretrained(f)
 
 
-@XF
 @pytest.mark.parametrize("field, bad", [("target_modules", "("), ("exclude_modules", "[a-"),
                                         ("rank_pattern", {"(": 2}), ("alpha_pattern", {"c_attn)": 2})])
 def test_a_bad_regex_is_a_value_error_naming_the_pattern(field, bad):
@@ -205,7 +198,6 @@ def test_a_bad_regex_is_a_value_error_naming_the_pattern(field, bad):
     assert repr(next(iter(bad)) if isinstance(bad, dict) else bad) in str(e.value)
 
 
-@XF
 def test_quantize_model_bad_regex_is_a_value_error_naming_the_pattern():
     with pytest.raises(ValueError, match=r"target_modules.*'\('"):
         quantize_model(gpt(), target_modules="(")
@@ -218,7 +210,6 @@ def outputs(model):
     return model(batch()[0])[0]
 
 
-@XF
 def test_a_failed_resave_with_a_new_config_keeps_the_old_adapter_loadable(tmp_path, monkeypatch):
     old = trained(get_peft_model(gpt(), lora_cfg()))
     old.save_pretrained(tmp_path)
@@ -237,7 +228,6 @@ def test_a_failed_resave_with_a_new_config_keeps_the_old_adapter_loadable(tmp_pa
     assert PeftModel.from_pretrained(gpt(), tmp_path).peft_config["default"].lora_alpha == 32
 
 
-@XF
 def test_tensors_from_one_save_beside_the_config_of_another_are_refused(tmp_path):
     """What a crash between the two renames would leave: the scaling would be wrong with no shape to show it."""
     trained(get_peft_model(gpt(), lora_cfg())).save_pretrained(tmp_path / "a")
@@ -247,7 +237,6 @@ def test_tensors_from_one_save_beside_the_config_of_another_are_refused(tmp_path
         PeftModel.from_pretrained(gpt(), tmp_path / "a")
 
 
-@XF
 def test_saving_cleans_up_orphaned_temp_files_of_its_own_only(tmp_path):
     orphans = [f".{WEIGHTS_NAME}.k3j9x_2a.tmp", f".{CONFIG_NAME}.abcdefgh.tmp"]
     keep = ["notes.tmp", ".other.abcdefgh.tmp", f"{WEIGHTS_NAME}.bak"]
@@ -257,13 +246,13 @@ def test_saving_cleans_up_orphaned_temp_files_of_its_own_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, *keep])
 
 
-@XF
 def test_a_failed_from_pretrained_leaves_the_model_unchanged_and_a_retry_works(tmp_path):
     trained(get_peft_model(gpt(), lora_cfg(r=4))).save_pretrained(tmp_path / "r4")
     cfg = json.loads((tmp_path / "r4" / CONFIG_NAME).read_text())
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / CONFIG_NAME).write_text(json.dumps({**cfg, "r": 2}))   # tensors say r=4
     (tmp_path / "bad" / WEIGHTS_NAME).write_bytes((tmp_path / "r4" / WEIGHTS_NAME).read_bytes())
+    as_peft_writes_it(tmp_path / "bad" / WEIGHTS_NAME)
     m = gpt()
     m.train()
     modules = dict(m.named_modules())
@@ -276,11 +265,11 @@ def test_a_failed_from_pretrained_leaves_the_model_unchanged_and_a_retry_works(t
     np.testing.assert_array_equal(outputs(pm), outputs(PeftModel.from_pretrained(gpt(), tmp_path / "r4")))
 
 
-@XF
 def test_a_failed_load_adapter_on_new_targets_leaves_no_wrapper_behind(tmp_path):
     trained(get_peft_model(gpt(), lora_cfg(target_modules=["c_fc"]))).save_pretrained(tmp_path / "fc")
     cfg = json.loads((tmp_path / "fc" / CONFIG_NAME).read_text())
     (tmp_path / "fc" / CONFIG_NAME).write_text(json.dumps({**cfg, "r": 2}))
+    as_peft_writes_it(tmp_path / "fc" / WEIGHTS_NAME)
     pm = get_peft_model(gpt(), lora_cfg())
     fc = pm.base_model.model.transformer.h[0].mlp.c_fc
     with pytest.raises(ValueError, match="size mismatch"):
@@ -291,7 +280,6 @@ def test_a_failed_load_adapter_on_new_targets_leaves_no_wrapper_behind(tmp_path)
 
 # ---- gradient checkpointing through get_peft_model (one generator for every LoRA layer) -----------------------------
 
-@XF
 @pytest.mark.parametrize("targets, qlora", [(["c_attn", "c_fc"], False), ("all-linear", False),
                                             ("all-linear", True)], ids=["two-targets", "all-linear", "qlora"])
 def test_get_peft_model_with_checkpointing_gives_bit_identical_gradients(targets, qlora):
