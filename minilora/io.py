@@ -6,6 +6,12 @@ failed save leaves the previous file intact. Nothing is ever loaded with pickle:
 format Hugging Face PEFT writes: an 8-byte little-endian header length, a JSON header, raw little-endian data) and
 everything else as JSON.
 
+Loading safetensors: F64, F32, F16, I64/I32/I16/I8, U64/U32/U16/U8 and BOOL load as themselves (the dtype is given
+faithfully: an integer tensor stays integer, for the caller to refuse); BF16, which NumPy lacks, loads as float32
+holding exactly the same values (a bfloat16 is the top 16 bits of a float32). F8_* and complex tensors raise
+UnsupportedTensorError; any inconsistency in the header raises CorruptFileError. Both are ValueErrors naming the
+file and the tensor.
+
 Host-only code: this module may import numpy (it is on the backend test's allowlist).
 """
 from __future__ import annotations

@@ -15,7 +15,10 @@ signature: our quant_type defaults to "nf4" (what QLoRA uses); bnb's function de
 Properties the tests check (tests/quant/test_properties.py): |x - x'| <= half the widest table gap * absmax; the
 largest |x| of each block comes back exactly (code +-1 times absmax) - except with DQ (absmax is approximated), in
 blocks whose absmax is below bnb's 1e-38 clamp, and for float64 input (it comes back as its float32 rounding);
-re-quantizing the dequantized tensor gives the same bytes, once FP4's/Int4's second zero code (8) is read as the
+DQ codes absmax - mean(absmax) with one 8-bit step per 256 blocks, so a block whose absmax is far below the others'
+(a nearly dead row) can come back with an absmax several times its own (bnb's format; rows scaled by 1e-3 among
+N(0, 0.02) ones: error up to ~4.5x their max |w|); quantize without DQ where such rows matter.
+Re-quantizing the dequantized tensor gives the same bytes, once FP4's/Int4's second zero code (8) is read as the
 first (0 resp. 7).
 
 quant_type "int4" is minilora's own (bnb 0.50.2 refuses it): bnb's int4 table [7..0, 0, -1..-7]/7 with the same
