@@ -84,6 +84,9 @@ class ModelShape:
             raise ValueError(f"ModelShape.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"ModelShape.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"ModelShape.d_model {self.d_model} must be divisible by n_head {self.n_head} "
+                             "(each head gets d_model / n_head dimensions)")
 
 
 def _llama(name, n_layer, d, n_head, d_ff):
@@ -172,10 +175,15 @@ def resolve_targets(shape: ModelShape, targets) -> list:
 def lora_trainable_params(model, r: int, targets="q,v") -> int:
     """Σ over adapted linears of r·(d_in + d_out), times n_layer (LoRA paper §4.2: 2·L̂·d_model·r for square W)."""
     shape = get_shape(model)
-    if not isinstance(r, int) or r <= 0:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
     lin = block_linears(shape)
-    return shape.n_layer * sum(r * (lin[n][0] + lin[n][1]) for n in resolve_targets(shape, targets))
+    names = resolve_targets(shape, targets)
+    name = min(names, key=lambda n: min(lin[n]))
+    if r > min(lin[name]):         # B·A of an (d_out, r)·(r, d_in) product has rank <= min(d_in, d_out) anyway
+        raise ValueError(f"LoRA rank r={r} is larger than min(d_in, d_out) = {min(lin[name])} of the targeted layer "
+                         f"{name} ({lin[name][0]} -> {lin[name][1]}); choose r <= {min(lin[name])}")
+    return shape.n_layer * sum(r * (lin[n][0] + lin[n][1]) for n in names)
 
 
 def square_layer_lora_params(n_params: float, r: int) -> float:

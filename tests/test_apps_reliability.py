@@ -49,23 +49,17 @@ def read_only_dir(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ memory
-XFAIL_MEMORY = pytest.mark.xfail(strict=True, reason="memory CLI accepts nonsense shapes / ranks")
-
-
-@XFAIL_MEMORY
 def test_memory_rank_above_the_layers_exits_2(capsys):
     assert exit_code(memory_cli.main, ["--r", "100000000"]) == 2
     err = capsys.readouterr().err
     assert "100000000" in err and "min(d_in, d_out)" in err
 
 
-@XFAIL_MEMORY
 def test_memory_d_model_not_divisible_by_n_head_exits_2(capsys):
     assert exit_code(memory_cli.main, ["--d-model", "4095", "--n-head", "32"]) == 2
     assert "divisible" in capsys.readouterr().err
 
 
-@XFAIL_MEMORY
 def test_memory_list_models_honours_json(capsys):
     assert memory_cli.main(["--list-models", "--json"]) == 0
     models = json.loads(capsys.readouterr().out)
@@ -73,7 +67,6 @@ def test_memory_list_models_honours_json(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ quantize-report
-@pytest.mark.xfail(strict=True, reason="quantize-report passes sizes and seeds straight to NumPy")
 @pytest.mark.parametrize("argv, option", [
     (["--rows", "0"], "--rows"), (["--rows", "-1"], "--rows"), (["--cols", "0"], "--cols"),
     (["--cols", "-7"], "--cols"), (["--seed", "-1"], "--seed"), (["--rows", "100000", "--cols", "100000"], "--rows"),
@@ -85,7 +78,6 @@ def test_quantize_report_bad_sizes_exit_2(argv, option, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ paged-sim
-@pytest.mark.xfail(strict=True, reason="paged-sim: inf is a traceback, nan an unclear message, --seed NumPy's")
 @pytest.mark.parametrize("argv, option", [
     (["--budget-gb", "inf"], "--budget-gb"), (["--budget-gb", "nan"], "--budget-gb"),
     (["--budget-gb", "-1"], "--budget-gb"), (["--budget-gb", "0"], "--budget-gb"), (["--seed", "-5"], "--seed"),
@@ -96,7 +88,6 @@ def test_paged_sim_nonsense_values_exit_2_naming_the_option(argv, option, capsys
     assert option in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="paged-sim finds a bad --figure path only after the simulation")
 @pytest.mark.parametrize("where", ["dir", "under_file", "missing_parent"])
 def test_paged_sim_bad_figure_path_exits_2_before_simulating(where, tmp_path, capsys, monkeypatch):
     (tmp_path / "f").write_text("x")
@@ -106,7 +97,6 @@ def test_paged_sim_bad_figure_path_exits_2_before_simulating(where, tmp_path, ca
     assert "--figure" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="the simulator reports an optimizer-step OOM as 'at step N', setup as step 0")
 def test_paged_sim_names_where_the_oom_happened():
     opt = paged_sim.run_scenario("tiny", budget_gb=0.006, steps=3)["unpaged"]
     assert opt["oom_step"] == 1 and opt["oom_phase"] == "optimizer step"
@@ -127,7 +117,6 @@ def demo_stubbed(monkeypatch):
     return demo.main
 
 
-@pytest.mark.xfail(strict=True, reason="demo --out over an earlier run overwrites its table and adapters")
 def test_demo_refuses_an_earlier_run_folder_unless_overwrite(tmp_path, demo_stubbed, capsys):
     (tmp_path / "table.json").write_text('{"methods": {}}')
     (tmp_path / "table.md").write_text("old table")
@@ -139,7 +128,6 @@ def test_demo_refuses_an_earlier_run_folder_unless_overwrite(tmp_path, demo_stub
         demo_stubbed(["--quick", "--out", str(tmp_path), "--overwrite"])
 
 
-@pytest.mark.xfail(strict=True, reason="demo finds a bad --out only when it first writes (after training)")
 @pytest.mark.parametrize("where", ["file", "under_file", "read_only", "figures_dir_file"])
 def test_demo_bad_out_exits_2_before_training(where, tmp_path, demo_stubbed, capsys, request):
     (tmp_path / "f").write_text("x")
@@ -160,7 +148,6 @@ def test_demo_empty_or_new_out_folder_is_accepted(tmp_path, demo_stubbed):
             demo_stubbed(["--quick", "--out", str(out)])
 
 
-@pytest.mark.xfail(strict=True, reason="sample ends in a traceback for an adapter of another model size")
 def test_sample_adapter_for_another_model_exits_2(tmp_path, capsys):
     from minilora.nn import GPT, GPTConfig
     from minilora.peft import LoraConfig, get_peft_model
@@ -175,14 +162,12 @@ def _result(mode, steps, sweep=None):
                          "mode": mode, "infer_repeats": 1}, "methods": {}, **({"sweep": sweep} if sweep else {})}
 
 
-@pytest.mark.xfail(strict=True, reason="a 12-step --quick run prints the paper verdicts without a caveat")
 def test_quick_run_verdicts_carry_a_caveat():
     quick = " ".join(demo.paper_notes(_result("quick", 12)))
     assert "--quick" in quick and "too short" in quick
     assert "too short" not in " ".join(demo.paper_notes(_result("default", 100)))
 
 
-@pytest.mark.xfail(strict=True, reason="the rank note prints +0.010 bits for a loss that went down")
 def test_rank_note_says_which_way_the_loss_moved():
     sweep = [{"r": r, "trainable_params": r, "code_bits_after": v}
              for r, v in ((1, 2.10), (16, 2.000), (64, 1.990))]
@@ -193,7 +178,6 @@ def test_rank_note_says_which_way_the_loss_moved():
     assert "rises by 0.010 bits" in note
 
 
-@pytest.mark.xfail(strict=True, reason="paper_notes is one 94-line function")
 def test_paper_notes_is_a_list_of_named_steps_one_per_claim():
     steps = demo.NOTE_STEPS
     assert len(steps) >= 8
@@ -204,7 +188,6 @@ def test_paper_notes_is_a_list_of_named_steps_one_per_claim():
 
 
 # ------------------------------------------------------------------------------------------------ figures
-@pytest.mark.xfail(strict=True, reason="figures --from-run without results silently runs the 5-minute demo")
 @pytest.mark.parametrize("table, only", [({}, "demo"), ({"methods": {}}, "demo"),
                                          ({"methods": {"full": {}}}, "lora_rank_loss")])
 def test_figures_from_run_without_the_results_fails_without_running_the_demo(table, only, tmp_path, capsys,
@@ -217,7 +200,6 @@ def test_figures_from_run_without_the_results_fails_without_running_the_demo(tab
     assert "--from-run" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="figures --out that is a file is a FileExistsError traceback")
 @pytest.mark.parametrize("where", ["file", "under_file", "read_only"])
 def test_figures_bad_out_exits_2_before_drawing(where, tmp_path, capsys, monkeypatch, request):
     (tmp_path / "f").write_text("x")
@@ -230,7 +212,6 @@ def test_figures_bad_out_exits_2_before_drawing(where, tmp_path, capsys, monkeyp
     assert "--out" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="figures does not say that it writes the repository's figures/")
 def test_figures_says_where_it_writes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         figures.main(["--help"])
@@ -240,7 +221,6 @@ def test_figures_says_where_it_writes(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ pretrain
-@pytest.mark.xfail(strict=True, reason="pretrain: nan/inf lr and an over-long block size end in tracebacks")
 @pytest.mark.parametrize("argv, option", [(["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
                                           (["--block-size", "100000"], "--block-size")])
 def test_pretrain_nonsense_values_exit_2(argv, option, tmp_path, capsys, monkeypatch):
@@ -249,7 +229,6 @@ def test_pretrain_nonsense_values_exit_2(argv, option, tmp_path, capsys, monkeyp
     assert option in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain finds a bad --out after training / overwrites an earlier base")
 @pytest.mark.parametrize("where", ["file", "under_file", "read_only", "earlier_run"])
 def test_pretrain_bad_out_exits_2_before_training(where, tmp_path, capsys, monkeypatch, request):
     (tmp_path / "f").write_text("x")

@@ -12,8 +12,6 @@ import pytest
 import minilora
 from minilora.apps import cli
 
-XFAIL = pytest.mark.xfail(strict=True, reason="no thread setting yet: BLAS runs on every core and oversubscribes")
-
 
 def exit_code(argv) -> int:
     try:
@@ -35,14 +33,12 @@ def test_no_command_prints_usage_and_unknown_exits_2(capsys):
     assert cli.main(["bogus"]) == 2
 
 
-@XFAIL
 def test_threadpoolctl_is_a_runtime_dependency():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     deps = text.split("dependencies = [", 1)[1].split("]", 1)[0]          # [project] dependencies, not extras
     assert '"threadpoolctl' in deps
 
 
-@XFAIL
 def test_library_setting_and_context_manager(restore_threads):
     minilora.set_num_threads(2)
     assert minilora.get_num_threads() == 2
@@ -54,7 +50,6 @@ def test_library_setting_and_context_manager(restore_threads):
             minilora.set_num_threads(bad)
 
 
-@XFAIL
 @pytest.mark.parametrize("argv, threads", [
     (["memory", "--json"], 1),                       # the project default
     (["--threads", "2", "memory", "--json"], 2),     # global, before the command
@@ -66,7 +61,6 @@ def test_cli_threads_flag(argv, threads, capsys, restore_threads):
     assert minilora.get_num_threads() == threads
 
 
-@XFAIL
 @pytest.mark.parametrize("argv", [["--threads", "-1", "memory"], ["--threads", "x", "memory"], ["--threads"],
                                   ["memory", "--threads", "-2"], ["--threads", "1.5", "memory"]])
 def test_cli_bad_threads_exit_2(argv, capsys, restore_threads):
@@ -75,14 +69,12 @@ def test_cli_bad_threads_exit_2(argv, capsys, restore_threads):
     assert "--threads" in err and "unknown command" not in err and "unrecognized" not in err
 
 
-@XFAIL
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_command_takes_threads(command, capsys):
     assert exit_code([command, "--help"]) == 0
     assert "--threads" in capsys.readouterr().out
 
 
-@XFAIL
 def test_subprocess_runs_on_one_blas_thread():
     code = ("import sys, minilora; from minilora.apps import cli; cli.main(['memory', '--json']); "
             "print(minilora.get_num_threads(), file=sys.stderr)")

@@ -147,7 +147,7 @@ def test_demo_bad_cli_input_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
     (["--adapter", "/nonexistent"], "no adapter_config.json"),
     (["--tokens", "0"], "must be >= 1"),
 ])

@@ -55,7 +55,7 @@ def test_short_pretrain_run_matches_recorded_loss(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--n-embd", "130"], "divisible by --n-head"),
     (["--eval-every", "-5"], "must be >= 0"),
     (["--bogus"], "unrecognized arguments"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import platform
 import sys
@@ -34,11 +35,13 @@ import tracemalloc
 from itertools import pairwise
 from pathlib import Path
 
+from minilora.apps.common import add_threads_option, apply_threads, check_out_dir
 from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, decode, encode, load_corpus
 from minilora.io import atomic_write_text, save_json, save_safetensors
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
 from minilora.pretrained import BASE_WEIGHTS, CHECKPOINT_DIR, eval_batches, load_base
+from minilora.threads import blas_info, get_num_threads
 from minilora.train import evaluate, train
 
 METHODS = {   # key: (label, kind, quant_type)
@@ -60,6 +63,8 @@ SETTINGS = {   # default run; --quick trades accuracy of every number for a CI-s
 # at 1e-3 too, and in a --quick trial on a provisional base that made its code loss worse, hence the lower value.
 LR, LR_FULL, WARMUP, CLIP, R, ALPHA = 1e-3, 2e-4, 10, 1.0, 8, 16
 PROBE_STEPS = 2            # steps measured under tracemalloc (peak memory); excluded from the time per step
+# What a run leaves in its folder: a second run into the same folder is refused unless --overwrite.
+RUN_FILES = ("table.md", "table.json", "adapters", "full_finetune.safetensors", "last_layer.safetensors", "figures")
 
 
 # ------------------------------------------------------------------------------------------------- building
@@ -269,99 +274,174 @@ def format_table(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def paper_notes(result: dict) -> list:
-    """Compare the measurements with the papers' claims; say plainly where the miniature disagrees."""
-    s, m = result["settings"], result["methods"]
+# The paper notes: one named step per claim, each returning its notes (none when the run lacks the numbers).
+def note_short_run(result: dict) -> list:
+    """Caveat first: a --quick run (or one with fewer steps than the default) is too short for any verdict."""
+    s, full = result["settings"], SETTINGS["default"]
+    if s.get("mode") != "quick" and s["steps"] >= full["steps"]:
+        return []
+    what = "this is a --quick run" if s.get("mode") == "quick" else "this run is shortened"
+    return [f"Caveat: {what} ({s['steps']} steps, {s['eval_windows']} eval windows of {s['block_size']} bytes), "
+            "too short for the verdicts below to confirm or refute the papers: it shows that every path runs. "
+            f"`minilora demo` without --quick ({full['steps']} steps, about 5 minutes on 2 cores) gives the numbers "
+            "worth comparing."]
+
+
+def note_setup(result: dict) -> list:
+    """The shared recipe: seed, steps, batch, optimizer, learning rates, LoRA settings, what the loss measures."""
+    s = result["settings"]
     w = min(WARMUP, s["steps"] // 4)
-    notes = [
+    return [
         f"Same seed ({s['seed']}), same {s['steps']} steps of batch {s['batch_size']}×{s['block_size']} bytes and the "
         f"same AdamW settings (constant lr after {w} warmup steps, no weight decay, clip {CLIP}) for every run; lr "
         f"{LR} for adapters and the last layer, {LR_FULL} for full fine-tuning (not searched: half and a tenth of the "
         f"pretraining peak; full fine-tuning got its smaller lr after a --quick trial where {LR} made its code loss "
         f"worse). LoRA r={R}, lora_alpha={ALPHA}, dropout 0. "
         f"Loss is bits per byte on fixed held-out windows ({s['eval_windows']}×{s['block_size']} bytes; the texts are "
-        ">99% ASCII, so ≈ bits per character).",
-    ]
-    if m:
-        notes += [
-            "Peak memory: tracemalloc's peak over the first training steps (NumPy reports its buffers to "
-            "tracemalloc): base + trainable weights + gradients + AdamW state + cached activations + temporaries. "
-            "'frozen base' counts the frozen arrays only (4-bit codes + absmax for QLoRA; lm_head and embeddings stay "
-            "float32).",
-            "lora_attn adapts GPT-2's fused c_attn, i.e. Wq, Wk and Wv together: PEFT's default target for GPT-2 and "
-            "the closest our fused layer allows to the LoRA paper's Wq,Wv-only default.",
-            "QLoRA FP4 and Int4 keep float32 absmax (no double quantization), so their base is ~0.37 bits/weight "
-            "larger than NF4+DQ's. last_layer still backpropagates through the whole network in minilora (dx is "
-            "always computed), so it skips only the weight-gradient matmuls, not the backward pass.",
-        ]
-    if "full" in m and "lora_all" in m:
-        f, lo = m["full"], m["lora_all"]
-        df, dl = f["docs_bits_after"] - f["docs_bits_before"], lo["docs_bits_after"] - lo["docs_bits_before"]
-        notes.append(f"Forgetting (the lecture notes; Biderman et al., arXiv 2405.09673: LoRA forgets less than "
-                     f"full fine-tuning): docs loss changed {df:+.3f} bits with full FT vs {dl:+.3f} with LoRA "
-                     f"all-linear -> "
-                     + ("agrees." if dl < df else "the miniature DISAGREES here."))
-        notes.append(f"Quality (LoRA Table 4: LoRA ≈ full FT): code loss after {f['code_bits_after']:.3f} (full) vs "
-                     f"{lo['code_bits_after']:.3f} (LoRA all-linear) -> "
-                     + ("LoRA is within 0.05 bits or better." if lo["code_bits_after"] <= f["code_bits_after"] + 0.05
-                        else f"LoRA is {lo['code_bits_after'] - f['code_bits_after']:.3f} bits worse after "
-                             f"{s['steps']} steps: the miniature does not reproduce parity at this budget."))
-        notes.append(f"Storage (LoRA §4.2): the adapter is {lo['file_bytes']:,} bytes, "
-                     f"{f['file_bytes'] / lo['file_bytes']:.0f}× smaller than the full checkpoint "
-                     f"({f['file_bytes']:,} bytes; the paper's ratio for GPT-3 at r=4 is ~10,000×).")
-        if f.get("peak_bytes") and lo.get("peak_bytes"):
-            q = m.get("qlora_nf4")
-            notes.append(f"Training memory (LoRA: 3× less for GPT-3; QLoRA: 4-bit base): weights + gradients + AdamW "
-                         f"state are {static_bytes(f) / static_bytes(lo):.1f}× smaller with LoRA"
-                         + (f" and {static_bytes(f) / static_bytes(q):.1f}× with QLoRA NF4" if q else "")
-                         + f", but the measured peak is {lo['peak_bytes'] / f['peak_bytes']:.0%} of full "
-                         "fine-tuning's: at this size the cached activations (the same for every method) dwarf the "
-                         "weights; see the memory bars.")
-    if "lora_all" in m and "lora_attn" in m:
-        a, q = m["lora_all"]["code_bits_after"], m["lora_attn"]["code_bits_after"]
-        notes.append(f"Where LoRA goes (QLoRA Fig. 2: all linear layers are needed): all-linear {a:.3f} vs "
-                     f"attention-only {q:.3f} bits -> " + ("agrees." if a < q else "the miniature DISAGREES here."))
-    qs = [k for k in ("qlora_nf4", "qlora_fp4", "qlora_int4") if k in m]
-    if len(qs) == 3:
-        b = [m[k]["code_bits_before"] for k in qs]
-        a = [m[k]["code_bits_after"] for k in qs]
-        base = m.get("lora_all", {}).get("code_bits_before")
-        names = ("NF4", "FP4", "Int4")
+        ">99% ASCII, so ≈ bits per character)."]
 
-        def order(v):
-            return " < ".join(names[i] for i in sorted(range(3), key=lambda i: v[i]))
 
-        def verdict(v):
-            if v[0] <= v[1] <= v[2]:
-                return "agrees"
-            return ("partly agrees (NF4 is best)" if v[0] <= min(v[1], v[2]) else "DISAGREES")
-        notes.append("Data types (QLoRA Table 2: NF4 < FP4 < Int4 in loss): quantized base before tuning "
-                     f"NF4 {b[0]:.3f}, FP4 {b[1]:.3f}, Int4 {b[2]:.3f}"
-                     + (f" (float base {base:.3f})" if base is not None else "")
-                     + f", i.e. {order(b)} -> {verdict(b)}; after QLoRA NF4 {a[0]:.3f}, FP4 {a[1]:.3f}, Int4 "
-                     f"{a[2]:.3f}, i.e. {order(a)} -> {verdict(a)} (spread after tuning {max(a) - min(a):.3f} bits: "
-                     "the adapter absorbs most of the quantization damage).")
+def note_measurement(result: dict) -> list:
+    """What the table's columns count: peak memory, lora_attn's target, FP4/Int4's absmax, last_layer's backward."""
+    if not result["methods"]:
+        return []
+    return [
+        "Peak memory: tracemalloc's peak over the first training steps (NumPy reports its buffers to "
+        "tracemalloc): base + trainable weights + gradients + AdamW state + cached activations + temporaries. "
+        "'frozen base' counts the frozen arrays only (4-bit codes + absmax for QLoRA; lm_head and embeddings stay "
+        "float32).",
+        "lora_attn adapts GPT-2's fused c_attn, i.e. Wq, Wk and Wv together: PEFT's default target for GPT-2 and "
+        "the closest our fused layer allows to the LoRA paper's Wq,Wv-only default.",
+        "QLoRA FP4 and Int4 keep float32 absmax (no double quantization), so their base is ~0.37 bits/weight "
+        "larger than NF4+DQ's. last_layer still backpropagates through the whole network in minilora (dx is "
+        "always computed), so it skips only the weight-gradient matmuls, not the backward pass."]
+
+
+def note_forgetting(result: dict) -> list:
+    """Biderman et al. (arXiv 2405.09673): LoRA forgets less than full fine-tuning (docs loss after code tuning)."""
+    m = result["methods"]
+    if not ("full" in m and "lora_all" in m):
+        return []
+    f, lo = m["full"], m["lora_all"]
+    df, dl = f["docs_bits_after"] - f["docs_bits_before"], lo["docs_bits_after"] - lo["docs_bits_before"]
+    return [f"Forgetting (the lecture notes; Biderman et al., arXiv 2405.09673: LoRA forgets less than full "
+            f"fine-tuning): docs loss changed {df:+.3f} bits with full FT vs {dl:+.3f} with LoRA all-linear -> "
+            + ("agrees." if dl < df else "the miniature DISAGREES here.")]
+
+
+def note_quality(result: dict) -> list:
+    """LoRA Table 4: LoRA reaches the quality of full fine-tuning (code loss after tuning)."""
+    m, steps = result["methods"], result["settings"]["steps"]
+    if not ("full" in m and "lora_all" in m):
+        return []
+    f, lo = m["full"]["code_bits_after"], m["lora_all"]["code_bits_after"]
+    return [f"Quality (LoRA Table 4: LoRA ≈ full FT): code loss after {f:.3f} (full) vs {lo:.3f} (LoRA all-linear) -> "
+            + ("LoRA is within 0.05 bits or better." if lo <= f + 0.05 else
+               f"LoRA is {lo - f:.3f} bits worse after {steps} steps: the miniature does not reproduce parity at "
+               "this budget.")]
+
+
+def note_storage(result: dict) -> list:
+    """LoRA §4.2: an adapter is a tiny fraction of a full checkpoint."""
+    m = result["methods"]
+    if not ("full" in m and "lora_all" in m):
+        return []
+    f, lo = m["full"]["file_bytes"], m["lora_all"]["file_bytes"]
+    return [f"Storage (LoRA §4.2): the adapter is {lo:,} bytes, {f / lo:.0f}× smaller than the full checkpoint "
+            f"({f:,} bytes; the paper's ratio for GPT-3 at r=4 is ~10,000×)."]
+
+
+def note_training_memory(result: dict) -> list:
+    """LoRA (3× less memory for GPT-3) and QLoRA (4-bit base): static bytes vs the measured peak."""
+    m = result["methods"]
+    f, lo, q = m.get("full"), m.get("lora_all"), m.get("qlora_nf4")
+    if not (f and lo and f.get("peak_bytes") and lo.get("peak_bytes")):
+        return []
+    return [f"Training memory (LoRA: 3× less for GPT-3; QLoRA: 4-bit base): weights + gradients + AdamW state are "
+            f"{static_bytes(f) / static_bytes(lo):.1f}× smaller with LoRA"
+            + (f" and {static_bytes(f) / static_bytes(q):.1f}× with QLoRA NF4" if q else "")
+            + f", but the measured peak is {lo['peak_bytes'] / f['peak_bytes']:.0%} of full fine-tuning's: at this "
+            "size the cached activations (the same for every method) dwarf the weights; see the memory bars."]
+
+
+def note_targets(result: dict) -> list:
+    """QLoRA Fig. 2: LoRA on every linear layer beats LoRA on attention only."""
+    m = result["methods"]
+    if not ("lora_all" in m and "lora_attn" in m):
+        return []
+    a, q = m["lora_all"]["code_bits_after"], m["lora_attn"]["code_bits_after"]
+    return [f"Where LoRA goes (QLoRA Fig. 2: all linear layers are needed): all-linear {a:.3f} vs attention-only "
+            f"{q:.3f} bits -> " + ("agrees." if a < q else "the miniature DISAGREES here.")]
+
+
+_DTYPES = ("NF4", "FP4", "Int4")
+
+
+def _dtype_order(v) -> str:
+    return " < ".join(_DTYPES[i] for i in sorted(range(3), key=lambda i: v[i]))
+
+
+def _dtype_verdict(v) -> str:
+    if v[0] <= v[1] <= v[2]:
+        return "agrees"
+    return "partly agrees (NF4 is best)" if v[0] <= min(v[1], v[2]) else "DISAGREES"
+
+
+def note_data_types(result: dict) -> list:
+    """QLoRA Table 2: NF4 < FP4 < Int4 in loss, before tuning (the quantized base) and after QLoRA."""
+    m = result["methods"]
+    qs = ("qlora_nf4", "qlora_fp4", "qlora_int4")
+    if not all(k in m for k in qs):
+        return []
+    b, a = [m[k]["code_bits_before"] for k in qs], [m[k]["code_bits_after"] for k in qs]
+    base = m.get("lora_all", {}).get("code_bits_before")
+    return ["Data types (QLoRA Table 2: NF4 < FP4 < Int4 in loss): quantized base before tuning "
+            f"NF4 {b[0]:.3f}, FP4 {b[1]:.3f}, Int4 {b[2]:.3f}"
+            + (f" (float base {base:.3f})" if base is not None else "")
+            + f", i.e. {_dtype_order(b)} -> {_dtype_verdict(b)}; after QLoRA NF4 {a[0]:.3f}, FP4 {a[1]:.3f}, Int4 "
+            f"{a[2]:.3f}, i.e. {_dtype_order(a)} -> {_dtype_verdict(a)} (spread after tuning {max(a) - min(a):.3f} "
+            "bits: the adapter absorbs most of the quantization damage)."]
+
+
+def note_inference(result: dict) -> list:
+    """LoRA §4.1: no inference latency once the adapter is merged."""
     inf = result.get("inference") or {}
-    if "lora_merged" in inf and "lora_unmerged" in inf and "base" in inf:
-        b, u, g = (inf[k]["s_per_token"] for k in ("base", "lora_unmerged", "lora_merged"))
-        notes.append(f"Inference (LoRA §4.1: no latency once merged): merged {1000 * g:.2f} ms/token vs base "
-                     f"{1000 * b:.2f} ({g / b:.2f}×); unmerged {1000 * u:.2f} ({u / b:.2f}×): the merged model runs "
-                     "exactly "
-                     "the base's code on same-shaped arrays, so any gap is timing noise (fastest of "
-                     f"{s['infer_repeats']} repeats).")
-    sweep = result.get("sweep")
-    if sweep:
-        vals = {r["r"]: r["code_bits_after"] for r in sweep}
-        best = min(vals.values())
-        plateau = [r for r, v in vals.items() if v <= best + 0.02]
-        r1 = vals.get(1, float("nan"))
-        notes.append(f"Rank (LoRA Table 6: r=1 already suffices; the lecture notes: plateau above ~16): within "
-                     f"0.02 bits of the best ({best:.3f}) for r in {plateau}; r=1 reaches {r1:.3f} -> "
-                     + ("agrees: rank 1 is enough." if r1 <= best + 0.02 else
-                        f"the miniature DISAGREES with 'rank 1 suffices' (r=1 is {r1 - best:.3f} bits behind)")
-                     + (f"; from r=16 to r=64 the loss still moves {vals[16] - vals[64]:+.3f} bits."
-                        if 16 in vals and 64 in vals else "."))
-    return notes
+    if not all(k in inf for k in ("base", "lora_unmerged", "lora_merged")):
+        return []
+    b, u, g = (inf[k]["s_per_token"] for k in ("base", "lora_unmerged", "lora_merged"))
+    return [f"Inference (LoRA §4.1: no latency once merged): merged {1000 * g:.2f} ms/token vs base {1000 * b:.2f} "
+            f"({g / b:.2f}×); unmerged {1000 * u:.2f} ({u / b:.2f}×): the merged model runs exactly the base's code on "
+            "same-shaped arrays, so any gap is timing noise (fastest of "
+            f"{result['settings']['infer_repeats']} repeats)."]
+
+
+def note_rank(result: dict) -> list:
+    """LoRA Table 6: r=1 already suffices (and the lecture notes' plateau above ~16), from a --sweep-rank run."""
+    if not result.get("sweep"):
+        return []
+    vals = {r["r"]: r["code_bits_after"] for r in result["sweep"]}
+    best = min(vals.values())
+    plateau = [r for r, v in vals.items() if v <= best + 0.02]
+    r1 = vals.get(1, float("nan"))
+    tail = "."
+    if 16 in vals and 64 in vals:
+        d = vals[64] - vals[16]
+        tail = (f"; from r=16 to r=64 the loss {'falls' if d < 0 else 'rises'} by {abs(d):.3f} bits."
+                if round(abs(d), 3) else "; from r=16 to r=64 the loss does not move (< 0.001 bits).")
+    return [f"Rank (LoRA Table 6: r=1 already suffices; the lecture notes: plateau above ~16): within 0.02 bits of "
+            f"the best ({best:.3f}) for r in {plateau}; r=1 reaches {r1:.3f} -> "
+            + ("agrees: rank 1 is enough" if r1 <= best + 0.02 else
+               f"the miniature DISAGREES with 'rank 1 suffices' (r=1 is {r1 - best:.3f} bits behind)") + tail]
+
+
+NOTE_STEPS = (note_short_run, note_setup, note_measurement, note_forgetting, note_quality, note_storage,
+              note_training_memory, note_targets, note_data_types, note_inference, note_rank)
+
+
+def paper_notes(result: dict) -> list:
+    """Compare the measurements with the papers' claims, one step per claim (NOTE_STEPS); say plainly where the
+    miniature disagrees."""
+    return [note for step in NOTE_STEPS for note in step(result)]
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -370,18 +450,23 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="CI-sized run (≤ 60 s): 12 steps, short windows")
     p.add_argument("--sweep-rank", action="store_true",
                    help=f"instead of the table: LoRA all-linear r in {SWEEP_RANKS}")
-    p.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>); the run writes only there")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (without it such a folder is refused)")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps per method")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the adapters' init and the batch order (>= 0)")
     p.add_argument("--base", default=None, help="folder with base.safetensors + base.json (default: shipped base)")
     p.add_argument("--figures-dir", default=None,
                    help="also write the figures into this folder (default: only the run folder's figures/)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_threads_option(p)
     return p
 
 
 def parse(argv):
+    """Parsed arguments, every one checked before any work starts (the output folders included: created, writable,
+    and not holding an earlier run unless --overwrite)."""
     p = build_parser()
     args = p.parse_args(argv)
     for name in ("steps", "batch_size"):
@@ -390,8 +475,14 @@ def parse(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.steps is not None and args.steps <= PROBE_STEPS:
         p.error(f"--steps must be > {PROBE_STEPS} (the first {PROBE_STEPS} steps measure memory), got {args.steps}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0 (NumPy seeds are non-negative), got {args.seed}")
     if args.base is not None and not (Path(args.base) / BASE_WEIGHTS).is_file():
         p.error(f"--base {args.base}: no {BASE_WEIGHTS} there (make one with `minilora pretrain --out DIR`)")
+    args.out = Path(args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
+    check_out_dir(p, "--out", args.out, earlier=RUN_FILES, overwrite=args.overwrite)
+    if _figures_dir(args) is not None:
+        check_out_dir(p, "--figures-dir", _figures_dir(args))
     return args
 
 
@@ -425,9 +516,9 @@ def _finish(result, out: Path, fig_dirs, plot, t_start: float, files: str) -> in
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    apply_threads(args.threads)
     s = _settings(args)
-    out = Path(args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
     fig_dirs = [out / "figures"] + ([d] if (d := _figures_dir(args)) is not None else [])
     progress = not args.no_progress
     corpora = {n: load_corpus(n) for n in ("stdlib", "pydoc")}
@@ -435,7 +526,8 @@ def main(argv=None) -> int:
     result = {"settings": s, "base": {k: base_meta[k] for k in ("config", "n_params", "val_bits_per_byte")},
               "corpora": {n: c.stats() for n, c in corpora.items()},
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "blas_threads": get_num_threads(),
+                          "blas": blas_info()}}
     t_start = time.perf_counter()
 
     if args.sweep_rank:
@@ -487,18 +579,27 @@ def sample_main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None)
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.tokens < 1 or args.steps < 1:
         p.error("--tokens and --steps must be >= 1")
-    if not args.temperature > 0:
-        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0 (NumPy seeds are non-negative), got {args.seed}")
+    if args.base is not None and not (Path(args.base) / BASE_WEIGHTS).is_file():
+        p.error(f"--base {args.base}: no {BASE_WEIGHTS} there (make one with `minilora pretrain --out DIR`)")
     if not args.prompt:
         p.error("--prompt must not be empty")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         p.error(f"--adapter {args.adapter}: no adapter_config.json there")
+    apply_threads(args.threads)
     base, meta = load_base(args.base)
     if args.adapter is not None:
-        tuned = PeftModel.from_pretrained(load_base(args.base)[0], args.adapter)
+        try:
+            tuned = PeftModel.from_pretrained(load_base(args.base)[0], args.adapter)
+        except ValueError as e:        # an adapter for another model, or a damaged one: the loader says which
+            p.error(f"--adapter {args.adapter} does not fit the base model: {e}")
         how = f"adapter {args.adapter}"
     else:
         tuned, _ = build("lora_all", args.base, args.seed)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.apps.common import add_threads_option, apply_threads, check_out_dir
 from minilora.plotting import pyplot, save_png
 
 
@@ -177,21 +178,31 @@ def fig_paged_memory_timeline(out: Path, ctx: dict) -> list:
     return [Path(paged_sim.write_figure(out / "paged_memory_timeline.png"))]
 
 
+FROM_RUN = {"demo": ("methods", "a demo run", "minilora demo --out DIR"),     # figure -> what a --from-run needs
+            "lora_rank_loss": ("sweep", "a rank sweep", "minilora demo --sweep-rank --out DIR")}
+
+
 def _demo_result(ctx: dict, key: str):
-    """A demo result dict holding `key` ("methods" or "sweep") from --from-run folders, or None (run the demo)."""
+    """A demo result dict holding `key` ("methods" or "sweep") from the --from-run folders; None when no folder was
+    given (then the figure runs the demo). Given folders that lack it are an error, never a silent 5-minute run."""
     from minilora.io import load_json
-    for run in ctx.get("runs", ()):
+    runs = ctx.get("runs", ())
+    for run in runs:
         result = load_json(Path(run) / "table.json")
         if result.get(key):
             return result
+    if runs:
+        raise ValueError(f"no --from-run folder ({', '.join(map(str, runs))}) holds {key!r} in its table.json")
     return None
 
 
 def _run_demo(out: Path, extra: list) -> None:
     """`minilora demo` itself, in a scratch run folder, with its figures refreshed into `out`."""
     from minilora.apps import demo
+    from minilora.threads import get_num_threads
+    threads = ["--threads", str(get_num_threads() or 0)]          # the thread setting `minilora figures` runs with
     with tempfile.TemporaryDirectory(prefix="minilora-figures-") as tmp:
-        rc = demo.main(["--out", tmp, "--figures-dir", str(out), "--no-progress", *extra])
+        rc = demo.main(["--out", tmp, "--figures-dir", str(out), "--no-progress", *threads, *extra])
     if rc:
         raise RuntimeError(f"minilora demo {' '.join(extra)} exited with {rc}")
 
@@ -255,8 +266,36 @@ FIGURES = {
 }
 
 
+def _check_from_run(p, runs: list, names: list) -> None:
+    """Every --from-run folder holds a demo table.json, and the runs together hold what the chosen figures need:
+    checked before anything is drawn, so a --from-run never falls back to running the demo."""
+    from minilora.io import load_json
+    results = []
+    for run in runs:
+        try:
+            result = load_json(Path(run) / "table.json")
+        except (OSError, ValueError) as e:
+            p.error(f"--from-run {run}: cannot read its table.json ({e}); name a `minilora demo --out` folder")
+        if not isinstance(result, dict) or not (result.get("methods") or result.get("sweep")):
+            p.error(f"--from-run {run}: its table.json holds no results (neither 'methods' nor 'sweep'); name the "
+                    "folder of a finished `minilora demo` run")
+        results.append(result)
+    for name in names:
+        if name in FROM_RUN and not any(r.get(FROM_RUN[name][0]) for r in results):
+            key, what, how = FROM_RUN[name]
+            p.error(f"--from-run: none of {', '.join(runs)} is {what} (table.json with {key!r}), which figure "
+                    f"{name!r} needs; make one with `{how}` and add --from-run DIR, or leave {name!r} out with --only")
+
+
+DESCRIPTION = """Regenerate every figure in the repository's figures/ folder (or --out).
+
+This is the only minilora command that writes the repository's figures/ folder:
+a `minilora demo` run writes its figures into its own run folder."""
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="minilora figures", description="Regenerate every figure in figures/.")
+    p = argparse.ArgumentParser(prog="minilora figures", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the repository's figures/)")
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="make only this figure (repeatable); see --list")
@@ -264,7 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.add_argument("--from-run", action="append", default=[], metavar="DIR",
                    help="reuse a `minilora demo` run folder's table.json (demo and/or --sweep-rank) instead of "
-                        "running the demo again (repeatable)")
+                        "running the demo again (repeatable); checked before any figure is drawn")
+    add_threads_option(p)
     args = p.parse_args(argv)
     if args.list:
         for name, f in FIGURES.items():
@@ -279,8 +319,12 @@ def main(argv=None) -> int:
         names = [n for n in names if n in args.only]
     elif args.quick:
         names = [n for n in names if FIGURES[n].quick]
-    out = (args.out or default_out_dir()).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if args.from_run:
+        _check_from_run(p, args.from_run, names)
+    out = check_out_dir(p, "--out", (args.out or default_out_dir()).resolve())
+    apply_threads(args.threads)
+    repo = " (the repository's figures/ folder)" if out == default_out_dir().resolve() else ""
+    print(f"writing figures into {out}{repo}")
     failed = []
     for name in names:
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import json
 import sys
 
 from minilora import memory
+from minilora.apps.common import add_threads_option, apply_threads
 from minilora.memory import METHOD_DEFAULTS, MODELS, estimate, get_shape, param_counts
 
 
@@ -35,9 +36,15 @@ def main(argv=None) -> int:
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"override the model's {f}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--explain", action="store_true", help="print every assumption, then the estimate")
-    p.add_argument("--list-models", action="store_true")
+    p.add_argument("--list-models", action="store_true", help="the known shapes (one JSON object with --json)")
+    add_threads_option(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
 
+    if args.list_models and args.json:
+        print(json.dumps({name: {**dataclasses.asdict(sh), "params": param_counts(sh)["total"]}
+                          for name, sh in MODELS.items()}))
+        return 0
     if args.list_models:
         for name, sh in MODELS.items():
             print(f"{name:<10} n_layer={sh.n_layer:<3} d_model={sh.d_model:<6} n_head={sh.n_head:<3} "
@@ -46,7 +53,7 @@ def main(argv=None) -> int:
     try:
         shape = get_shape(args.model)
     except KeyError as e:
-        print(f"minilora memory: {e.args[0]}", file=sys.stderr)
+        print(f"minilora memory: error: {e.args[0]}", file=sys.stderr)
         return 2
     overrides = {f: getattr(args, f) for f in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size")
                  if getattr(args, f) is not None}
@@ -57,8 +64,8 @@ def main(argv=None) -> int:
                        batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing,
                        double_quant=args.double_quant, master_weights=args.master_weights,
                        upcast_non_quantized=args.upcast_non_quantized)
-    except ValueError as e:
-        print(f"minilora memory: {e}", file=sys.stderr)
+    except ValueError as e:        # the calculator names the value and its bound (rank, shape, lengths)
+        print(f"minilora memory: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(est.to_dict()))

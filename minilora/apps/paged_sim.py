@@ -42,6 +42,7 @@ import random
 import sys
 
 from minilora import memory
+from minilora.apps.common import add_threads_option, apply_threads, check_out_file, check_positive
 from minilora.backend import default_rng, xp_current
 from minilora.nn.parameter import Parameter
 from minilora.optim.adamw import AdamW
@@ -202,7 +203,8 @@ def _check_budget(scn: Scenario, budget: int):
 def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, prefetch: bool = True,
            gradient_checkpointing: bool = True, seed: int = 0, pcie_gen: int = 3, pcie_lanes: int = 16) -> dict:
     """Run the trace once on a fresh pool. Returns totals, per-step paging cost and the memory timeline; an
-    OutOfMemoryError is recorded (oom_step, error), not raised: a real run would stop there, and so does this one."""
+    OutOfMemoryError is recorded (oom_step, oom_phase: "setup", "forward" or "optimizer step", error), not raised: a
+    real run would stop there, and so does this one."""
     trace = check_trace(trace)
     _check_budget(scn, budget)
     pool = PagedPool(budget, page_size, paging=paging, prefetch=prefetch, pcie_gen=pcie_gen, pcie_lanes=pcie_lanes)
@@ -219,6 +221,7 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
                          "bytes_evicted": d.bytes_evicted, "bytes_in": d.bytes_prefetched + d.bytes_faulted})
 
     params = ref = None
+    phase = "setup"                                                   # where an OutOfMemoryError happened
     try:
         r = room(scn, budget, pool.paged_threshold)
         pool.allocate("base_weights", scn.weights_bytes, "weights")
@@ -233,7 +236,7 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
         else:
             opt = StateOnlyAdamW(pool, scn.numels)
         for t, seq_len in enumerate(trace, start=1):
-            pool.step = t
+            pool.step, phase = t, "forward"
             before = pool.stats.copy()
             pool.allocate("activations", scn.activation_fn(seq_len, scn.batch_size, gradient_checkpointing),
                           "activations")
@@ -244,6 +247,7 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
                     p.grad = rng.standard_normal(p.shape, dtype=xp.float32)
                     q.grad = p.grad.copy()
                 ref_opt.step()
+            phase = "optimizer step"
             opt.step()
             sample(t, "optimizer", seq_len)
             d = _diff(pool.stats, before)
@@ -254,6 +258,7 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
         out["completed"] = True
     except OutOfMemoryError as e:
         out["oom_step"] = 0 if e.step is None else e.step           # 0: the model itself did not fit (setup)
+        out["oom_phase"] = phase
         out["error"] = str(e)
         out["oom_request"] = {"name": e.name, "bytes": e.nbytes, "kind": e.kind}
         sample(out["oom_step"], "oom", None)
@@ -315,6 +320,15 @@ def to_json(result: dict) -> dict:
             for k, v in result.items()}
 
 
+def _oom_text(run: dict) -> str:
+    """Where a replay's OutOfMemoryError happened (setup, or a step's forward / optimizer step) and its message."""
+    if run.get("oom_phase", "setup") == "setup":
+        where = "during setup, before step 1"
+    else:
+        where = f"at step {run['oom_step']} ({run['oom_phase']})"
+    return f"OutOfMemoryError {where}\n  {run['error']}"
+
+
 def summary(result: dict) -> str:
     s, u, p = result["scenario"], result["unpaged"], result["paged"]
     bw = pcie_bandwidth(s["pcie_gen"], s["pcie_lanes"]) * 0.5
@@ -333,9 +347,8 @@ def summary(result: dict) -> str:
     if u["completed"]:
         lines.append(f"without paging: completed {u['steps_run']} steps, peak {fmt_bytes(u['peak_device_bytes'])}")
     else:
-        lines.append(f"without paging: OutOfMemoryError at step {u['oom_step']}\n  {u['error']}")
-    state = (f"completed {p['steps_run']}/{s['steps']} steps" if p["completed"]
-             else f"OutOfMemoryError at step {p['oom_step']}\n  {p['error']}")
+        lines.append(f"without paging: {_oom_text(u)}")
+    state = f"completed {p['steps_run']}/{s['steps']} steps" if p["completed"] else _oom_text(p)
     lines += [f"with paging (PagedAdamW, prefetch {'on' if s['prefetch'] else 'off'}): {state}, "
               f"peak {fmt_bytes(p['peak_device_bytes'])} of {fmt_bytes(s['budget_bytes'])}",
               f"  evicted {fmt_bytes(p['bytes_evicted'])} ({p['evictions']} pages), prefetched "
@@ -440,7 +453,14 @@ def main(argv=None) -> int:
     ap.add_argument("--pcie-lanes", type=int, default=16)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     ap.add_argument("--figure", default=None, help="write the memory timeline PNG here")
+    add_threads_option(ap)
     a = ap.parse_args(argv)
+    check_positive(ap, "--budget-gb", a.budget_gb)
+    if a.seed < 0:
+        ap.error(f"--seed must be >= 0 (NumPy seeds are non-negative), got {a.seed}")
+    if a.figure:
+        check_out_file(ap, "--figure", a.figure)
+    apply_threads(a.threads)
     try:
         result = run_scenario(a.model, a.budget_gb, a.page_size, not a.no_prefetch, a.gradient_checkpointing, a.seed,
                               a.steps, a.seq_len, a.spike_len, a.batch_size, pcie_gen=a.pcie_gen,

@@ -18,6 +18,7 @@ Mirrors karpathy/nanoGPT `train.py` with `config/train_shakespeare_char.py`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -25,6 +26,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from minilora.apps.common import add_threads_option, apply_threads, check_out_dir
 from minilora.data import LN2, load_corpus
 from minilora.io import load_json, save_json, save_safetensors
 from minilora.nn import GPT, GPTConfig
@@ -39,6 +41,7 @@ DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, seed=0,
 # A few-second run with the same recipe; its loss is recorded next to the shipped base so a test can check that
 # `minilora pretrain` still trains the same way (the full 10-minute run is too long for CI).
 SHORT_RUN = ["--steps", "20", "--batch-size", "8", "--eval-every", "0"]
+EARLIER_RUN = (BASE_WEIGHTS, BASE_META, "checkpoint")   # what a run leaves in its --out folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=D["block_size"])
     p.add_argument("--eval-every", type=int, default=D["eval_every"], help="0: only at the start and the end")
     p.add_argument("--eval-windows", type=int, default=D["eval_windows"], help="fixed validation windows")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint if it exists (without it, an --out holding a run is refused)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--record-short-run", action="store_true",
                    help=f"afterwards also run `pretrain {' '.join(SHORT_RUN)}` and record its loss in base.json")
+    add_threads_option(p)
     return p
 
 
@@ -127,14 +132,22 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     _positive(p, args, ["steps", "batch_size", "n_layer", "n_head", "n_embd", "block_size", "eval_windows"])
-    if args.lr <= 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.eval_every < 0 or args.warmup_steps < 0:
         p.error("--eval-every and --warmup-steps must be >= 0")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+    corpus = load_corpus("pydoc")
+    longest = min(len(corpus.train), len(corpus.val)) - 1            # a window needs block_size + 1 bytes
+    if args.block_size > longest:
+        p.error(f"--block-size {args.block_size} is longer than the corpus allows ({longest} bytes: its validation "
+                f"split has {len(corpus.val):,} bytes)")
     if args.out is None:
         args.out = os.path.join("runs", time.strftime("pretrain-%Y%m%d-%H%M%S"))
+    check_out_dir(p, "--out", args.out, earlier=EARLIER_RUN, overwrite=args.resume,
+                  how_to_replace="pass --resume to continue it")
+    apply_threads(args.threads)
     meta = run(args)
     print(f"pretrained {meta['n_params']:,} parameters for {args.steps} steps in {meta['train_time_s']:.0f} s: "
           f"val {meta['val_bits_per_byte']:.3f} bits/byte on {meta['corpus']['name']} "
