@@ -100,8 +100,6 @@ class Linear(Module):
         obj._cache = None
         return obj
 
-    supports_need_dx = True
-
     def forward(self, x):
         check_input(self, x, self.weight.data.dtype, self.in_features)
         lead = x.shape[:-1]
@@ -110,20 +108,20 @@ class Linear(Module):
         self._cache = (x2, lead)
         return y.reshape(*lead, self.out_features)                                        # (..., out)
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout):
         if self._cache is None:
             raise_no_cache(self)
         x2, lead = self._cache
         check_dout(self, dout, (*lead, self.out_features), x2.dtype)
         self._cache = None                                 # one backward per forward: free x as soon as it is used
         W, b = self.weight, self.bias
-        dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data, need_dx=need_dx,
+        dx, dW, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W.data,
                                        need_dW=W.requires_grad, need_db=b is not None and b.requires_grad)
         if dW is not None:
             W.accumulate_grad(dW, owned=True)
         if db is not None:
             b.accumulate_grad(db, owned=True)
-        return None if dx is None else dx.reshape(*lead, self.in_features)               # (..., in)
+        return dx.reshape(*lead, self.in_features)                                        # (..., in)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

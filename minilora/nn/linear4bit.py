@@ -101,9 +101,7 @@ class Linear4bit(Module):
         self._cache = (x2, lead)                                              # x only: Ŵ is dropped right away
         return y.reshape(*lead, self.out_features)
 
-    supports_need_dx = True
-
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout):
         if self._cache is None:
             raise_no_cache(self)
         x2, lead = self._cache
@@ -111,12 +109,12 @@ class Linear4bit(Module):
         self._cache = None                                                     # freed once used
         b = self.bias
         need_db = b is not None and b.requires_grad
-        W = self.dequantize_weight() if need_dx else None                      # (D_out, D_in) only if dx is wanted
-        dx, _, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W, need_dx=need_dx,
+        W = self.dequantize_weight()                                           # (D_out, D_in) Ŵ, rebuilt for dx
+        dx, _, db = F.linear_backward(dout.reshape(-1, self.out_features), x2, W,
                                       need_dW=False, need_db=need_db)           # dx = dy Ŵ; never dW
         if db is not None:
             b.accumulate_grad(db, owned=True)
-        return None if dx is None else dx.reshape(*lead, self.in_features)
+        return dx.reshape(*lead, self.in_features)
 
     # ---- size and state -----------------------------------------------------------------------------------
     @property

@@ -35,7 +35,7 @@ from minilora.backend import default_rng, get_array_module
 from minilora.nn import functional as F
 from minilora.nn.layers import Linear
 from minilora.nn.linear4bit import Linear4bit
-from minilora.nn.module import Module, ModuleDict, call_backward
+from minilora.nn.module import Module, ModuleDict
 
 
 def check_adapter_name(name) -> str:
@@ -93,6 +93,16 @@ class LoRALinear(Module):
 
     def get_base_layer(self):
         return self.base_layer
+
+    @property
+    def rng(self):
+        """The generator this layer draws A's initialisation and its dropout masks from. Gradient checkpointing
+        (GPT.gradient_checkpointing_enable) swaps in a copy while it recomputes a block, so the masks repeat."""
+        return self._rng
+
+    @rng.setter
+    def rng(self, generator):
+        self._rng = generator
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False):
@@ -265,24 +275,19 @@ class LoRALinear(Module):
         self._cache = caches
         return y
 
-    supports_need_dx = True
-
-    def backward(self, dout, need_dx=True):
-        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB accumulate.
-
-        need_dx=False (nobody upstream needs dx) skips both dx terms and returns None."""
-        dx = call_backward(self.base_layer, dout, need_dx)                     # (..., D_in)  no dW for W0
+    def backward(self, dout):
+        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB accumulate."""
+        dx = self.base_layer.backward(dout)                                    # (..., D_in)  no dW for W0
         caches, self._cache = self._cache, None                                # freed once used
         if not caches:
             return dx
         dy2 = dout.reshape(-1, self.out_features)                              # (N, D_out)
-        dx2 = None if dx is None else dx.reshape(-1, self.in_features)         # (N, D_in) view of dx
+        dx2 = dx.reshape(-1, self.in_features)                                 # (N, D_in) view of dx
         for name, mask, cache in caches:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight           # (r, D_in), (D_out, r)
-            ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name], need_dx=dx2 is not None,
+            ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name],
                                           need_dA=A.requires_grad, need_dB=B.requires_grad)
-            if dx2 is not None:
-                dx2 += F.dropout_backward(ddx, mask)                           # (N, D_in)
+            dx2 += F.dropout_backward(ddx, mask)                               # (N, D_in)
             if dA is not None:
                 A.accumulate_grad(dA, owned=True)
             if dB is not None:

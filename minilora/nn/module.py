@@ -21,16 +21,6 @@ from minilora.nn.parameter import Parameter
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
-def call_backward(module, dout, need_dx=True):
-    """module.backward(dout); with need_dx=False, tell modules that can use it (class attribute
-    `supports_need_dx`) that nobody needs their input gradient, so they skip computing it and return None.
-    This is autograd's `needs_input_grad`: the first block of a LoRA model need not send a gradient to frozen
-    embeddings. Other modules (e.g. a user's wrapper) are called the plain way."""
-    if not need_dx and getattr(module, "supports_need_dx", False):
-        return module.backward(dout, need_dx=False)
-    return module.backward(dout)
-
-
 class Module:
     """Base class: subclasses set Parameters and child Modules as attributes and write forward/backward."""
 
