@@ -59,21 +59,30 @@ def test_minilora_fault_fails_even_where_bnb_is_broken():
 
 
 def test_unknown_upstream_deviation_fails():
-    _, _, ours, hand = case(64)
+    _, _, ours, hand = case(64)                            # (8, 64): rows are whole blocks of 64
     broken = hand.copy()
     broken.reshape(-1)[0] += 1.0
     with pytest.raises(pytest.fail.Exception, match=r"no known upstream fault explains it \(blocksize 64\)"):
         BnbOracle().check("dequantize_4bit", ours, hand, broken, 64, "bs=64")
+    _, _, ours, hand = case(32, shape=(5000,))             # 1-D: no known fault covers any blocksize
+    broken = hand.copy()
+    broken[7] += 1.0
+    with pytest.raises(pytest.fail.Exception, match="in 1 of 5000 values"):
+        BnbOracle().check("dequantize_4bit", ours, hand, broken, 32, "1-D")
 
 
 def test_known_faults_explain_only_their_cases():
-    hand = np.array([0.0, 0.5], np.float32)
-    theirs = np.array([-0.0, 0.25], np.float32)
+    hand = np.array([[0.0, 0.5], [0.25, 1.0]], np.float32)
+    theirs = np.array([[-0.0, 0.25], [0.25, 1.0]], np.float32)
     avx = KNOWN_FAULTS[FAULT][1]
     assert avx("dequantize_4bit", 128, hand, theirs).all() and avx("dequantize_4bit", 256, hand, theirs).all()
-    assert not avx("dequantize_4bit", 64, hand, theirs).any() and not avx("quantize_4bit", 128, hand, theirs).any()
+    assert not avx("dequantize_4bit", 32, hand, theirs).any() and not avx("quantize_4bit", 128, hand, theirs).any()
+    assert not avx("dequantize_4bit", 2048, hand, theirs).any()
+    assert not avx("dequantize_4bit", 128, hand.reshape(-1), theirs.reshape(-1)).any()        # 1-D: not this fault
+    rows_of_whole_blocks = np.zeros((4, 256), np.float32)
+    assert not avx("dequantize_4bit", 128, rows_of_whole_blocks, rows_of_whole_blocks).any()
     zero = KNOWN_FAULTS["bnb-0.50-cpu-dequantize_4bit-fp4-negative-zero"][1]
-    assert zero("dequantize_4bit", 64, hand, theirs).tolist() == [True, False]
+    assert zero("dequantize_4bit", 64, hand, theirs).tolist() == [[True, False], [False, False]]
 
 
 def test_negative_zero_is_named_and_other_values_still_fail():
