@@ -52,6 +52,29 @@ def check_adapter_name(name) -> str:
     return name
 
 
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
+
+
+def check_lora_args(r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, max_r=None) -> None:
+    """One adapter's hyperparameters, checked where a user passes them (LoraConfig, LoRALinear): ValueError unless
+    r is an integer >= 1 (and <= max_r = min(in_features, out_features) when the layer is known), lora_alpha a
+    finite number > 0, lora_dropout a probability in [0, 1) and init_lora_weights one of INIT_LORA_WEIGHTS."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (number(r) and isinstance(r, int) and 1 <= r <= (max_r or r)):
+        where = f" in [1, min(in_features, out_features)] = [1, {max_r}] for this layer" if max_r else ""
+        raise ValueError(f"`r` should be a positive integer value{where}, but the value passed is {r!r}")
+    if not (number(lora_alpha) and 0 < lora_alpha < math.inf):
+        raise ValueError(f"`lora_alpha` should be a finite positive number but the value passed is {lora_alpha!r} "
+                         "(the scaling lora_alpha/r would zero or flip the adapter)")
+    if not (number(lora_dropout) and 0.0 <= lora_dropout < 1.0):
+        raise ValueError(f"`lora_dropout` should be a probability in [0, 1) but the value passed is {lora_dropout!r}")
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} is not implemented in minilora; choose one of "
+                         f"{INIT_LORA_WEIGHTS} (PiSSA/OLoRA/LoftQ/EVA also rewrite the base weights, so such an "
+                         "adapter needs its modified base model)")
+
+
 class LoRALinear(Module):
     """A Linear or Linear4bit base layer (frozen) plus one or more named LoRA adapters."""
 
@@ -110,18 +133,7 @@ class LoRALinear(Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer; delete_adapter it first")
-        max_r = min(self.in_features, self.out_features)
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= max_r:
-            raise ValueError(f"r must be an integer in [1, min(in_features, out_features)] = [1, {max_r}] for this "
-                             f"{self.in_features}->{self.out_features} layer, got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0 \
-                or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
-                or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a probability in [0, 1), got {lora_dropout!r}")
-        if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, max_r=min(self.in_features, self.out_features))
         d_in, d_out, dt, rng = self.in_features, self.out_features, self.weight_dtype, self._rng
         if init_lora_weights == "gaussian":
             A = rng.standard_normal((r, d_in)) * (1.0 / r)                      # (r, D_in)  N(0, σ = 1/r)

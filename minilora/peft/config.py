@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora.io import load_json, save_json
+from minilora.nn.lora import check_lora_args
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,7 +49,6 @@ TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING = {
 MODEL_TYPE_OF_CLASS = {"GPT": "gpt2"}
 
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-INIT_LORA_WEIGHTS = (True, False, "gaussian")
 # Keys written to adapter_config.json: only those every PEFT since 0.4 understands (docs/lora.md §9.4; an older PEFT
 # raises "unexpected keyword argument" on newer keys). use_rslora (0.8) is written only when it is true, so a PEFT
 # too old to apply √r scaling refuses the file instead of silently computing wrong outputs.
@@ -87,22 +87,9 @@ class LoraConfig:
     peft_type: str = "LORA"
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            # PEFT's message (tuners/lora/layer.py::update_layer)
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
-        a = self.lora_alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < float("inf"):
-            raise ValueError(f"`lora_alpha` should be a positive number but the value passed is {self.lora_alpha!r} "
-                             "(the scaling lora_alpha/r would zero or flip the adapter)")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` should be in [0, 1) but the value passed is {self.lora_dropout!r}")
+        check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)   # PEFT's messages
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"Requested bias: {self.bias!r}, is not implemented; choose 'none', 'all' or 'lora_only'")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not implemented in minilora; "
-                             f"choose one of {INIT_LORA_WEIGHTS} (PiSSA/OLoRA/LoftQ/EVA also rewrite the base "
-                             "weights, so such an adapter needs its modified base model)")
         if self.peft_type != "LORA":
             raise ValueError(f"peft_type {self.peft_type!r} is not supported: minilora implements only 'LORA'")
         if self.task_type not in TASK_TYPES:
