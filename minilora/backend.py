@@ -246,6 +246,8 @@ class StrictGenerator:
         return self._gen.bit_generator
 
     def __getattr__(self, name):
+        if name.startswith("_"):                       # copy/pickle probe before __init__ ran: no recursion
+            raise AttributeError(name)
         attr = getattr(self._gen, name)
         if not callable(attr):
             return attr
