@@ -25,6 +25,7 @@ import numpy as np
 
 from minilora.apps.common import add_threads_option, apply_threads, check_out_dir
 from minilora.plotting import pyplot, save_png
+from minilora.quant.report import pinned_input
 
 
 def default_out_dir() -> Path:
@@ -90,17 +91,12 @@ def fig_double_quant_memory(out: Path, ctx: dict) -> list:
     return [save_png(fig, out / "double_quant_memory.png")]
 
 
-def _pinned():
-    """The golden numbers' input: default_rng(0).standard_normal((1024, 1024)) as float32 (quantization.md §6.2)."""
-    return np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-
-
 def fig_quant_error_hist(out: Path, ctx: dict) -> list:
     """Error histograms of every scheme on the pinned N(0,1) input: int8 granularities and the 4-bit formats
     (minilora.plotting.quant_error_hist, two calls)."""
     from minilora.plotting import quant_error_hist
     plt = pyplot()
-    x = _pinned()
+    x = pinned_input()                                               # (1024, 1024) float32, docs/quantization.md §6.2
     families = [("8-bit: where the absmax is taken", ["int8-tensor", "int8-row", "int8-block"], 0.025),
                 ("4-bit, block size 64", ["int4", "fp4", "nf4", "nf4+dq"], 0.5)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
@@ -124,7 +120,7 @@ def fig_int8_outliers(out: Path, ctx: dict) -> list:
         int8_vectorwise_quant,
     )
     plt = pyplot()
-    x = _pinned()
+    x = pinned_input()
     rng = np.random.default_rng(0)
     idx = rng.choice(x.size, 8, replace=False)
     x.flat[idx] = rng.choice([-60.0, 60.0], 8)
@@ -153,7 +149,6 @@ def fig_int8_outliers(out: Path, ctx: dict) -> list:
 def fig_nf4_codebook(out: Path, ctx: dict) -> list:
     """NF4's 16 levels and how often N(0,1) in blocks of 64 uses each, next to FP4 and Int4 (minilora.plotting)."""
     from minilora.plotting import code_usage, codebook_plot
-    from minilora.quant.report import pinned_input
     plt = pyplot()
     x = pinned_input(0)                                              # what codebook_plot measures usage on
     usage = code_usage(x, "nf4", 64)                                 # (16,) share of values per code
