@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minilora.backend import to_numpy
+
 VOCAB_SIZE = 256
 LN2 = math.log(2.0)
 
@@ -58,8 +60,8 @@ def encode(text: str) -> np.ndarray:
 
 
 def decode(ids) -> str:
-    """token ids -> str; a multi-byte character cut in half (possible when sampling) becomes U+FFFD."""
-    return bytes(int(i) for i in np.asarray(ids).reshape(-1)).decode("utf-8", errors="replace")
+    """token ids (host or device) -> str; a multi-byte character cut in half (possible when sampling) becomes U+FFFD."""
+    return bytes(int(i) for i in to_numpy(ids).reshape(-1)).decode("utf-8", errors="replace")
 
 
 @dataclass

@@ -225,7 +225,8 @@ class GPT(Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, rng=None):
         """Sample max_new_tokens tokens after idx (B, T), feeding the last block_size tokens each step."""
         _check_idx(idx, "prompt")
-        xp = get_array_module(idx)
+        xp = get_array_module(self.transformer.wte.weight.data)
+        idx = xp.asarray(idx)                                      # the prompt goes where the model is
         # transformers' TemperatureLogitsWarper: a strictly positive float (NaN or inf would sample garbage)
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
                 or not 0 < temperature < math.inf:
@@ -246,7 +247,7 @@ class GPT(Module):
                 z = xp.where(z < kth, -xp.inf, z)                  # (B, V)
             p = xp.exp(z - z.max(axis=-1, keepdims=True))          # (B, V)
             p /= p.sum(axis=-1, keepdims=True)
-            u = rng.random((p.shape[0], 1))                        # (B, 1)  inverse-CDF sampling works on CuPy too
+            u = xp.asarray(rng.random((p.shape[0], 1)))            # (B, 1)  inverse-CDF sampling works on CuPy too
             nxt = (xp.cumsum(p, axis=-1) < u).sum(axis=-1)         # (B,)
             nxt = xp.minimum(nxt, p.shape[-1] - 1)[:, None]        # (B, 1)  guard against round-off at the top
             idx = xp.concatenate([idx, nxt.astype(idx.dtype)], axis=1)   # (B, T+1)
