@@ -13,7 +13,7 @@ that to 2 + 8/256 = 2.03 bytes. For each trainable parameter p with gradient g, 
     absmax1[b] = max |m| over block b,  state1 = code of m / absmax1[b]           requantize, blocks of 256
     absmax2[b] = max |v| over block b,  state2 = code of v / absmax2[b]
 
-The dynamic map (minilora.quant.codebooks.create_dynamic_map) spends its 8 bits on an exponent that runs over
+The dynamic map (`create_dynamic_map` below) spends its 8 bits on an exponent that runs over
 seven decades and a shrinking fraction, so small and large entries of a block both keep a few significant digits.
 A parameter with fewer than `min_8bit_size` (4096) elements keeps float32 states: its states are tiny, and for
 those bnb uses its 32-bit kernel, whose last line is the algebraically equal
@@ -44,16 +44,47 @@ differ from bnb's by an ulp or so; the states never do (they do not depend on âˆ
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 
-from minilora.backend import get_array_module, to_numpy
+from minilora.backend import get_array_module, to_numpy, xp_current
 from minilora.optim.optimizer import Optimizer, check_number
-from minilora.quant.codebooks import create_dynamic_map, midpoints
 
 BLOCKSIZE = 256                 # bnb's blockwise optimizers (2048 before 0.44)
 MIN_8BIT_SIZE = 4096            # bnb: parameters with fewer elements keep float32 states
 LUT_BINS = 65536                # bnb's CPU quantize kernel: bins over [-1, 1]
 _luts: dict = {}
+
+
+# ------------------------------------------------------------------------------------------------ the dynamic maps
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _dynamic_values(signed: bool) -> tuple:
+    """bnb's create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) as Python floats holding float32 values.
+
+    For decade i = 0..6: the midpoints of torch.linspace(0.1, 1, 2^k + 1) in float32 (k = i, or i + 1 unsigned: the
+    sign bit becomes a fraction bit), times float32(10^(i-6)); their negatives if signed; then 0 and 1; sorted.
+    The same table as minilora.quant.codebooks.create_dynamic_map (a test pins them equal); it is rebuilt here so
+    that the optimizers stay below the quantizers in the package's layering."""
+    data = []
+    for i in range(7):
+        n = 2 ** (i + (0 if signed else 1)) + 1
+        step = _f32(_f32(1.0 - _f32(0.1)) / (n - 1))                       # torch.linspace, float32, both halves
+        b = [_f32(_f32(0.1) + step * j) if j < n // 2 else _f32(1.0 - step * (n - 1 - j)) for j in range(n)]
+        scale = _f32(10.0 ** (i - 6))
+        vals = [_f32(scale * _f32(_f32(b[j] + b[j + 1]) / 2.0)) for j in range(n - 1)]
+        data += vals + ([-v for v in vals] if signed else [])
+    return tuple(sorted(data + [0.0, 1.0]))                              # 256 values
+
+
+def create_dynamic_map(signed: bool = True, xp=None):
+    """The 8-bit dynamic map (256 float32 values): signed for Adam's m (zero at index 127), unsigned for v."""
+    xp = xp or xp_current()
+    return xp.asarray(_dynamic_values(bool(signed)), dtype=xp.float32)   # (256,)
 
 
 # ------------------------------------------------------------------------------------------------- float32 rounding
@@ -83,7 +114,9 @@ def _lut(code):
     xp = get_array_module(code)
     key = (xp.__name__, to_numpy(code).tobytes())
     if key not in _luts:
-        mid, order = midpoints(code)                                      # (255,), (256,)
+        order = xp.argsort(code, kind="stable") if xp.__name__ == "numpy" else xp.argsort(code)   # (256,)
+        s = code[order]                                                   # sorted
+        mid = (s[:-1] + s[1:]) / xp.float32(2)                            # (255,) float32 midpoints
         v = xp.float32(-1) + xp.float32(2) * xp.arange(LUT_BINS, dtype=xp.float32) / xp.float32(LUT_BINS - 1)
         _luts[key] = order.astype(xp.uint8)[xp.searchsorted(mid, v, side="left")]   # (65536,)
     return _luts[key]

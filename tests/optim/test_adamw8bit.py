@@ -25,6 +25,7 @@ from minilora.optim.adamw8bit import (
 from minilora.optim.paged8bit import PagedAdamW8bit
 from minilora.optim.paged_pool import OutOfMemoryError, PagedPool, PagedTensor
 from minilora.quant.blockwise import quantize_blockwise_lut
+from minilora.quant.codebooks import create_dynamic_map as quant_dynamic_map
 
 TORCH_SQRT = ("torch-2.13-cpu-sqrt-not-correctly-rounded",
               "torch's CPU Tensor.sqrt (Intel MKL vector math on x86) is not the IEEE square root: on the AVX-512 "
@@ -69,6 +70,16 @@ def test_fma32_matches_torch_fused_ops():
 
 
 # ------------------------------------------------------------------------------------------ 8-bit requantization
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_optimizers_dynamic_maps_are_the_quantizers_and_bnbs(signed):
+    ours = create_dynamic_map(signed=signed)
+    assert ours.dtype == np.float32 and ours.shape == (256,)
+    assert ours.tobytes() == quant_dynamic_map(signed=signed).tobytes()
+    assert (ours[127] == 0) if signed else (ours[0] == 0 and ours.min() == 0)
+    F = pytest.importorskip("bitsandbytes.functional")
+    assert ours.tobytes() == F.create_dynamic_map(signed=signed).numpy().tobytes()
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n", [300, 4096, 5000])
 def test_quantize_states_is_bnbs_cpu_lookup_table_kernel(signed, n):
