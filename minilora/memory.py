@@ -27,6 +27,9 @@ Bytes per value (defaults)
             prepare_model_for_kbit_training does). Adapters, gradients, optimizer as for lora; the optimizer is
             bitsandbytes' paged AdamW 32-bit: its fp32 states are counted on the GPU here, because paging only
             evicts them to CPU RAM when a spike would otherwise run out of memory.
+    optim_bits=8   bitsandbytes' (paged) AdamW8bit (Dettmers et al. 2021, arXiv 2110.02861): m and v as 1-byte
+            codes plus one fp32 absmax per block of 256 each: 2 + 2·4/256 = 2.03 B per trainable parameter instead
+            of 8 (tensors under min_8bit_size = 4096 elements keep fp32 states). 65B QLoRA: 6.40 GB -> 1.62 GB.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 arXiv 2205.05198, §4 "Activation Memory")
@@ -55,8 +58,7 @@ import dataclasses
 import math
 from fractions import Fraction
 
-GB = 10 ** 9
-MiB = 2 ** 20
+from minilora.units import GB, MiB, fmt_bytes  # noqa: F401 - MiB stays importable from here (notebook 08)
 
 
 # ---------------------------------------------------------------------------------------------------- model shapes
@@ -186,6 +188,16 @@ def lora_trainable_params(model, r: int, targets="q,v") -> int:
     return shape.n_layer * sum(r * (lin[n][0] + lin[n][1]) for n in names)
 
 
+def adam_state_bytes(sizes, optim_bits: int = 32, min_8bit_size: int = 4096) -> int:
+    """Bytes of Adam's m and v for trainable tensors of the given element counts: 8 B each at optim_bits=32; at 8
+    (bnb's AdamW8bit) 2 B of codes + 2 fp32 absmax per block of 256, and 8 B for tensors under min_8bit_size."""
+    if optim_bits not in (8, 32):
+        raise ValueError(f"optim_bits must be 8 or 32 (bitsandbytes' AdamW8bit or AdamW), got {optim_bits!r}")
+    if optim_bits == 32:
+        return sum(8 * int(n) for n in sizes)
+    return sum(8 * n if n < min_8bit_size else 2 * n + 8 * -(-n // 256) for n in map(int, sizes))
+
+
 def square_layer_lora_params(n_params: float, r: int) -> float:
     """Treat a whole model of N parameters as one √N × √N matrix: LoRA adds A and B, 2·√N·r parameters."""
     return 2.0 * math.sqrt(n_params) * r
@@ -312,10 +324,12 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
              nested_blocksize: int = 256, weight_bytes: int = 2, grad_bytes: int = 2, adapter_bytes: int = 2,
              optimizer_state_bytes: int = 4, master_weights: bool = False, upcast_non_quantized: bool = False,
              include_activations: bool = True, activation_bytes_per_value: int = 2,
-             dropout: bool = True, share_dynamic_map: bool = True) -> MemoryEstimate:
+             dropout: bool = True, share_dynamic_map: bool = True, optim_bits: int = 32) -> MemoryEstimate:
     """Bytes of one training step, by category. r / targets / gradient_checkpointing default per method
-    (METHOD_DEFAULTS: lora r=8 on q,v as PEFT; qlora r=64 all-linear with checkpointing as qlora.py)."""
+    (METHOD_DEFAULTS: lora r=8 on q,v as PEFT; qlora r=64 all-linear with checkpointing as qlora.py).
+    optim_bits=8 counts bitsandbytes' 8-bit AdamW states (adam_state_bytes) instead of optimizer_state_bytes."""
     shape = get_shape(model)
+    adam_state_bytes((), optim_bits)                    # refuse a bad optim_bits before any work
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_DEFAULTS)}")
     d_r, d_t, d_gc = METHOD_DEFAULTS[method]
@@ -334,7 +348,14 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
         if master_weights:
             add("weights", f"fp32 master copy {N:,} × 4 B", N * 4)
         add("gradients", f"{N:,} × {grad_bytes} B", N * grad_bytes)
-        add("optimizer_states", f"Adam m, v: {N:,} × 2 × {optimizer_state_bytes} B", N * 2 * optimizer_state_bytes)
+        if optim_bits == 8:
+            lin = block_linears(shape)
+            sizes = [d_in * d_out for _ in range(shape.n_layer) for d_in, d_out in lin.values()] + [counts["other"]]
+            add("optimizer_states", f"Adam m, v 8-bit: {N:,} × (2 B codes + 8 B absmax / 256)",
+                adam_state_bytes(sizes, 8))
+        else:
+            add("optimizer_states", f"Adam m, v: {N:,} × 2 × {optimizer_state_bytes} B",
+                N * 2 * optimizer_state_bytes)
     else:
         trainable = lora_trainable_params(shape, r, targets)
         if method == "lora":
@@ -360,9 +381,17 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
                            f"{counts['other']:,} × {ob} B", counts["other"] * ob)
         add("adapters", f"LoRA A, B: {trainable:,} × {adapter_bytes} B", trainable * adapter_bytes)
         add("gradients", f"adapters only: {trainable:,} × {grad_bytes} B", trainable * grad_bytes)
-        paged = " (paged AdamW 32-bit)" if method == "qlora" else ""
-        add("optimizer_states", f"AdamW m, v{paged}: {trainable:,} × 2 × {optimizer_state_bytes} B",
-            trainable * 2 * optimizer_state_bytes)
+        if optim_bits == 8:
+            lin = block_linears(shape)
+            sizes = [n for _ in range(shape.n_layer) for t in resolve_targets(shape, targets)
+                     for n in (r * lin[t][0], lin[t][1] * r)]                       # A (r, d_in), B (d_out, r)
+            paged = " (paged AdamW 8-bit)" if method == "qlora" else " (AdamW 8-bit)"
+            add("optimizer_states", f"AdamW m, v{paged}: {trainable:,} × (2 B codes + 8 B absmax / 256)",
+                adam_state_bytes(sizes, 8))
+        else:
+            paged = " (paged AdamW 32-bit)" if method == "qlora" else ""
+            add("optimizer_states", f"AdamW m, v{paged}: {trainable:,} × 2 × {optimizer_state_bytes} B",
+                trainable * 2 * optimizer_state_bytes)
     if include_activations:
         vb = activation_bytes_per_value
         act = activation_bytes(shape, seq_len, batch_size, gc, vb, dropout)
@@ -378,7 +407,8 @@ def estimate(model, method: str = "qlora", r=None, targets=None, seq_len: int = 
     settings = {"r": r if method != "full" else None, "targets": targets if method != "full" else None,
                 "seq_len": seq_len, "batch_size": batch_size, "gradient_checkpointing": gc,
                 "double_quant": double_quant if method == "qlora" else None, "master_weights": master_weights,
-                "upcast_non_quantized": upcast_non_quantized, "include_activations": include_activations}
+                "upcast_non_quantized": upcast_non_quantized, "include_activations": include_activations,
+                "optim_bits": optim_bits}
     return MemoryEstimate(shape.name, method, settings, breakdown, details, trainable, N)
 
 
@@ -403,14 +433,6 @@ def estimate_tiny_gpt(config, method: str = "lora", r: int = 8, targets="c_attn"
 
 
 # ---------------------------------------------------------------------------------------------------------- output
-def fmt_bytes(n: float) -> str:
-    if n >= 0.1 * GB:
-        return f"{n / GB:,.2f} GB"
-    if n >= MiB:
-        return f"{n / MiB:,.2f} MiB"
-    return f"{n / 1024:,.2f} KiB"
-
-
 def format_estimate(est: MemoryEstimate) -> str:
     s = est.settings
     head = f"{est.model}  method={est.method}"

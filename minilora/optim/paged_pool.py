@@ -40,9 +40,8 @@ import contextlib
 import dataclasses
 
 from minilora.backend import to_numpy, xp_current
+from minilora.units import GB, MiB, fmt_bytes
 
-MiB = 2 ** 20
-GB = 10 ** 9
 DEFAULT_PAGE_SIZE = 2 * MiB          # cudaMemPrefetchAsync's granularity (Dettmers, bnb #962)
 PAGED_THRESHOLD = 100_000            # bnb get_state_buffer: page only state tensors with numel >= 1e5
 KINDS = ("weights", "gradients", "optimizer_state", "activations")
@@ -65,13 +64,6 @@ def transfer_seconds(nbytes: float, gen: int = 3, lanes: int = 16, efficiency: f
     if not 0.0 < efficiency <= MAX_EFFICIENCY:
         raise ValueError(f"efficiency must be in (0, {MAX_EFFICIENCY}] (bnb: at most ~50 % of PCIe), got {efficiency}")
     return nbytes / (pcie_bandwidth(gen, lanes) * efficiency)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 10 ** 6), ("KB", 10 ** 3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 class OutOfMemoryError(MemoryError):
