@@ -505,3 +505,26 @@ def test_tiny_gpt_qlora_estimate_equals_measured(double_quant):
     assert rep["gradients"] == est.breakdown["gradients"]
     assert rep["optimizer"] == est.breakdown["optimizer_states"]
     assert rep["n_trainable"] == est.trainable_params
+
+
+def test_8bit_adam_states_cost_2_03_bytes_per_trainable_parameter():
+    # bnb's AdamW8bit: 1-byte codes for m and v plus one fp32 absmax per 256 each: 2 + 8/256 = 2.03125 B
+    from minilora.memory import adam_state_bytes
+    assert adam_state_bytes([256 * 1000], 8) == 256 * 1000 * 2 + 1000 * 8
+    assert adam_state_bytes([256 * 1000], 8) / (256 * 1000) == 2.03125
+    assert adam_state_bytes([4095], 8) == 8 * 4095                     # below min_8bit_size: fp32 states
+    assert adam_state_bytes([5000], 8) == 2 * 5000 + 8 * 20            # a partial last block still has its absmax
+    with pytest.raises(ValueError, match="optim_bits"):
+        adam_state_bytes([10], 16)
+
+
+def test_qlora_65b_optimizer_states_drop_from_6_40_to_1_62_gb_with_8bit_adam():
+    e32, e8 = estimate("llama-65b", "qlora"), estimate("llama-65b", "qlora", optim_bits=8)
+    assert e32.breakdown["optimizer_states"] == 6_396_313_600          # 799,539,200 × 8 B
+    assert e8.breakdown["optimizer_states"] == 1_624_064_000           # 799,539,200 × 2.03125 B
+    assert round(e32.breakdown["optimizer_states"] / 1e9, 2) == 6.40
+    assert round(e8.breakdown["optimizer_states"] / 1e9, 2) == 1.62
+    assert e8.breakdown["weights"] == e32.breakdown["weights"]
+    assert estimate("llama-7b", "qlora", optim_bits=8).breakdown["optimizer_states"] == 324_812_800
+    with pytest.raises(ValueError, match="optim_bits"):
+        estimate("llama-7b", "qlora", optim_bits=4)
