@@ -58,8 +58,7 @@ import dataclasses
 import math
 from fractions import Fraction
 
-GB = 10 ** 9
-MiB = 2 ** 20
+from minilora.units import GB, MiB, fmt_bytes  # noqa: F401 - MiB stays importable from here (notebook 08)
 
 
 # ---------------------------------------------------------------------------------------------------- model shapes
@@ -434,14 +433,6 @@ def estimate_tiny_gpt(config, method: str = "lora", r: int = 8, targets="c_attn"
 
 
 # ---------------------------------------------------------------------------------------------------------- output
-def fmt_bytes(n: float) -> str:
-    if n >= 0.1 * GB:
-        return f"{n / GB:,.2f} GB"
-    if n >= MiB:
-        return f"{n / MiB:,.2f} MiB"
-    return f"{n / 1024:,.2f} KiB"
-
-
 def format_estimate(est: MemoryEstimate) -> str:
     s = est.settings
     head = f"{est.model}  method={est.method}"
