@@ -35,10 +35,8 @@ NF4_CODE = [  # ascending, so code == position; get_4bit_type("nf4")
 # bit-pattern order: index = 4-bit code, bit 3 = sign; raw magnitudes 0, 1/16, 8, 12, 4, 6, 2, 3. Code 8 is the
 # "-0" pattern, but bnb writes it as the Python integer -0 == 0, so its table value is +0.0 (checked against bnb).
 FP4_RAW = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
-FP4_CODE = [v / 12.0 for v in FP4_RAW]
 # bnb's int4 list [7 .. 0, -0, -1 .. -7] / 7. Its "-0" is the Python *integer* -0 == 0, so codes 7 and 8 are both +0.0.
 INT4_RAW = [7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7]
-INT4_CODE = [v / 7.0 for v in INT4_RAW]
 _TABLES = {"nf4": NF4_CODE, "fp4": FP4_RAW, "int4": INT4_RAW}
 _DIVISORS = {"nf4": 1.0, "fp4": 12.0, "int4": 7.0}
 
