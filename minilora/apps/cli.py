@@ -30,6 +30,8 @@ COMMANDS = {
     "memory": ("minilora.apps.memory_cli", "main", "memory calculator for LoRA / QLoRA at real model sizes"),
     "paged-sim": ("minilora.apps.paged_sim", "main", "simulate a long-sequence spike with and without paging"),
     "figures": ("minilora.apps.figures", "main", "regenerate figures/ (the only command that writes there)"),
+    "export-hf": ("minilora.apps.export_hf", "main", "the base (+ adapters, 4-bit) as a transformers + PEFT folder"),
+    "import-hf": ("minilora.apps.export_hf", "import_main", "a transformers GPT-2 folder as a minilora base folder"),
 }
 
 
