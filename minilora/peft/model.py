@@ -125,10 +125,11 @@ class LoraModel(Module):
         for name in targets:
             m = mods[name]
             kwargs = dict(r=config.r_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
-                          init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
+                          init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                          use_dora=config.use_dora)
             if isinstance(m, LoRALinear):
                 if explicit_rng:
-                    m._rng = rng                           # the layer draws A (and dropout masks) from its _rng
+                    m.rng = rng                            # the layer draws A (and dropout masks) from it
                 m.update_layer(adapter_name, **kwargs)
             else:
                 cls = QLoRALinear if isinstance(m, Linear4bit) else LoRALinear
@@ -152,6 +153,8 @@ class LoraModel(Module):
         for _, m in self.lora_layers():
             if name in m.lora_A:
                 m.lora_A[name].weight.requires_grad = m.lora_B[name].weight.requires_grad = True
+                if name in m.lora_magnitude_vector:                 # DoRA's m trains with A and B (PEFT)
+                    m.lora_magnitude_vector[name].weight.requires_grad = True
         for _, m in self.model.named_modules():
             if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
                 for p in m.modules_to_save[name].parameters():
