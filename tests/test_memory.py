@@ -528,3 +528,9 @@ def test_qlora_65b_optimizer_states_drop_from_6_40_to_1_62_gb_with_8bit_adam():
     assert estimate("llama-7b", "qlora", optim_bits=8).breakdown["optimizer_states"] == 324_812_800
     with pytest.raises(ValueError, match="optim_bits"):
         estimate("llama-7b", "qlora", optim_bits=4)
+
+
+def test_memory_cli_takes_optim_bits(capsys):
+    assert memory_cli.main(["--model", "llama-65b", "--method", "qlora", "--optim-bits", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["breakdown"]["optimizer_states"] == 1_624_064_000

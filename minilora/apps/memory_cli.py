@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for qlora (qlora.py), off otherwise")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--optim-bits", type=int, choices=(8, 32), default=32,
+                   help="Adam state bits: 32 (AdamW, 8 B/param) or 8 (bnb AdamW8bit, 2.03 B/param)")
     p.add_argument("--master-weights", action="store_true", help="full: add an fp32 master copy (4 B/param)")
     p.add_argument("--upcast-non-quantized", action="store_true",
                    help="qlora: embeddings/norms/lm_head in fp32 (PEFT prepare_model_for_kbit_training)")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         est = estimate(shape, args.method, r=args.r, targets=args.targets, seq_len=args.seq_len,
                        batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing,
                        double_quant=args.double_quant, master_weights=args.master_weights,
-                       upcast_non_quantized=args.upcast_non_quantized)
+                       upcast_non_quantized=args.upcast_non_quantized, optim_bits=args.optim_bits)
     except ValueError as e:        # the calculator names the value and its bound (rank, shape, lengths)
         print(f"minilora memory: error: {e}", file=sys.stderr)
         return 2
