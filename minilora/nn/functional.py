@@ -328,3 +328,62 @@ def lora_backward(dy, cache, A, B, scaling, need_dx=True, need_dA=True, need_dB=
     dA = g.T @ x if need_dA else None              # (r, D_in)
     dx = g @ A if need_dx else None                # (N, D_in)
     return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DoRA (arXiv 2402.09353): W' = m ⊙ (W0 + s·B A) / n,  n = ‖W0 + s·B A‖ per output row, held constant (detached)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dora_weight_norm(W0, A, B, scaling):
+    """n_o = ‖W0[o, :] + s·(B A)[o, :]‖₂ for every output o.   W0 (D_out, D_in), A (r, D_in), B (D_out, r) -> (D_out,).
+
+    PEFT's `DoraLinearLayer.get_weight_norm`: torch.linalg.norm(W0 + s·B A, dim=1) of the (out, in) weight, which
+    is the paper's column norm ‖·‖_c of its (in, out) W. The only place DoRA forms a full (D_out, D_in) matrix."""
+    W = B @ A                                      # (D_out, D_in)
+    W *= scaling
+    W += W0                                        # (D_out, D_in)  W0 + s·B A
+    W *= W
+    return get_array_module(W).sqrt(W.sum(axis=1))   # (D_out,)
+
+
+def dora_forward(xd, base_out, A, B, scaling, magnitude, weight_norm):
+    """The DoRA term added on top of the base layer's output (PEFT's `DoraLinearLayer.forward`):
+
+        extra = (c − 1) ⊙ base_out + c ⊙ s · xd Aᵀ Bᵀ,      c = m / n   (D_out,),  n = weight_norm (a constant)
+
+    with base_out = xd W0ᵀ, the base output without its bias. Without dropout xd = x and
+    base(x) + extra = x W0ᵀ + b + (c − 1) ⊙ x W0ᵀ + c ⊙ s·x Aᵀ Bᵀ = x (c ⊙ (W0 + s·B A))ᵀ + b = x W'ᵀ + b:
+    the bias is not rescaled (PEFT subtracts it from the base result first). With dropout PEFT gives the dropped-out
+    xd to both W0 and the LoRA branch while base(x) keeps the full x, so then extra = (c − 1) ⊙ xd W0ᵀ + c ⊙ s·xd Aᵀ Bᵀ.
+
+    xd (N, D_in), base_out (N, D_out), A (r, D_in), B (D_out, r), magnitude m (D_out,), weight_norm n (D_out,)
+    -> extra (N, D_out); cache = (lora cache, direction (N, D_out) = base_out + s·xd Aᵀ Bᵀ, c)."""
+    c = magnitude / weight_norm                    # (D_out,)  m / n
+    lora_out, lora_cache = lora_forward(xd, A, B, scaling)   # (N, D_out)  s·xd Aᵀ Bᵀ
+    direction = base_out + lora_out                # (N, D_out)  xd (W0 + s·B A)ᵀ
+    extra = direction * c                          # (N, D_out)  c ⊙ (base_out + s·xd Aᵀ Bᵀ)
+    extra -= base_out                              # (N, D_out)  (c − 1) ⊙ base_out + c ⊙ s·xd Aᵀ Bᵀ
+    return extra, (lora_cache, direction, c, weight_norm)
+
+
+def dora_backward(dy, cache, A, B, scaling, W0, need_dx=True, need_dA=True, need_dB=True, need_dm=True):
+    """Gradients of extra = c ⊙ direction − base_out with c = m / n and n held constant (detached, as PEFT):
+
+        dm  = Σ_rows dy ⊙ direction / n                   (D_out,)
+        g   = dy ⊙ c                                      (N, D_out)   the LoRA branch's incoming gradient
+        dA, dB, dxd_lora = lora_backward(g)               (r, D_in), (D_out, r), (N, D_in)
+        dxd = (dy ⊙ (c − 1)) W0 + dxd_lora                (N, D_in)    this term's gradient w.r.t. xd
+
+    The base layer's own dy W0 (for base(x)) is the caller's; without dropout the two add up to (dy ⊙ c) W0 + dxd_lora.
+    W0 (D_out, D_in) is the dequantized weight for a 4-bit base. Returns (dxd, dA, dB, dm), None where not needed."""
+    lora_cache, direction, c, n = cache
+    dm = None
+    if need_dm:
+        dm = (dy * direction).sum(axis=0)          # (D_out,)
+        dm /= n                                    # (D_out,)  ∂c/∂m = 1/n
+    g = dy * c                                     # (N, D_out)
+    dxd, dA, dB = lora_backward(g, lora_cache, A, B, scaling, need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+    if need_dx:
+        dxd += (dy * (c - 1.0)) @ W0               # (N, D_in)  through base_out = xd W0ᵀ
+    return dxd, dA, dB, dm

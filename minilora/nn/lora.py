@@ -11,6 +11,18 @@ and nothing for W0: the base layer is frozen, so its dW matmul is skipped and no
 ever allocated for it. Wrapping a `Linear4bit` instead of a `Linear` gives QLoRA: W0 lives in NF4 and dx flows
 through the dequantized W0 (arXiv 2305.14314).
 
+DoRA (arXiv 2402.09353, `use_dora=True`) splits the adapted weight into a magnitude and a direction:
+
+    W' = m ⊙ (W0 + s·B A) / n,      n = ‖W0 + s·B A‖ per output row (D_out,),   m (D_out,) trainable, m₀ = n₀
+
+so y = x W'ᵀ + b = b + (m/n) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ): the LoRA output plus a per-output rescaling of the whole
+(base + LoRA) product. The norm n is recomputed from the current A, B every forward but treated as a constant in
+the backward (detached, as PEFT does): the paper's §4.3 "gradient simplification" argues that letting gradient flow
+through ‖W0 + s·B A‖ only adds a projection term to ∂L/∂(W0 + s·B A), and that dropping it costs no accuracy while the
+backward then needs no (D_out, D_in) gradient at all, only the thin LoRA matmuls (it reports the memory saved). With
+n constant, dm = Σ_rows dy ⊙ x (W0 + s·B A)ᵀ / n and the LoRA branch sees dy ⊙ m/n (`functional.dora_forward` /
+`dora_backward`). PEFT's names: `lora_magnitude_vector.<adapter>.weight` (m), a ModuleDict of `DoraLinearLayer`.
+
 As in PEFT, `lora_A` and `lora_B` are ModuleDicts of bias-free Linear layers, one per adapter name:
 
     layer.lora_A["default"].weight      A (r, D_in)        PEFT: nn.Linear(in_features, r, bias=False)
@@ -36,6 +48,8 @@ from minilora.nn import functional as F
 from minilora.nn.layers import Linear
 from minilora.nn.linear4bit import Linear4bit
 from minilora.nn.module import Module, ModuleDict
+from minilora.nn.parameter import Parameter
+from minilora.quant import dequantize_4bit
 
 
 def check_adapter_name(name) -> str:
@@ -75,11 +89,21 @@ def check_lora_args(r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, max
                          "adapter needs its modified base model)")
 
 
+class DoraLinearLayer(Module):
+    """DoRA's magnitude m for one adapter: only the Parameter `weight` (D_out,), as PEFT's `DoraLinearLayer`
+    (src/peft/tuners/lora/dora.py). The passes are `functional.dora_forward` / `dora_backward`, run by LoRALinear."""
+
+    def __init__(self, magnitude):
+        super().__init__()
+        self.weight = Parameter(magnitude)                 # (D_out,)  m, starts at ‖W0 + s·B A‖ per row
+
+
 class LoRALinear(Module):
-    """A Linear or Linear4bit base layer (frozen) plus one or more named LoRA adapters."""
+    """A Linear or Linear4bit base layer (frozen) plus one or more named LoRA (or DoRA) adapters."""
 
     def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None):
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None,
+                 use_dora: bool = False):
         super().__init__()
         if not isinstance(base_layer, (Linear, Linear4bit)):
             raise TypeError(f"LoRALinear wraps a Linear or Linear4bit, got {type(base_layer).__name__}")
@@ -89,15 +113,17 @@ class LoRALinear(Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = ModuleDict()                         # adapter -> Linear(D_in, r, bias=False), weight (r, D_in)
         self.lora_B = ModuleDict()                         # adapter -> Linear(r, D_out, bias=False), weight (D_out, r)
+        self.lora_magnitude_vector = ModuleDict()          # DoRA adapters -> DoraLinearLayer, weight m (D_out,)
         self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora = {}, {}, {}, {}, {}
+        self.use_dora = {}                                 # adapter -> bool
         self.active_adapters = [adapter_name]
         self.merged_adapters = []
-        self._merged_factors = {}                          # adapter -> (A, B, scaling) as merged, for unmerge
+        self._merged_factors = {}                          # adapter -> (A, B, scaling, DoRA's m/n or None) as merged
         self._unmerged_4bit = None                         # a 4-bit base's codes and state from before the first merge
         self.disable_adapters = False                      # PEFT's flag: True runs the base layer alone
         self._rng = default_rng(0) if rng is None else rng   # seeded: init and dropout masks are reproducible
         self._cache = None
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
 
     # ---- adapters -------------------------------------------------------------------------------------------
     @property
@@ -128,8 +154,11 @@ class LoRALinear(Module):
         self._rng = generator
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     init_lora_weights=True, use_rslora: bool = False):
-        """Add adapter `adapter_name` with A (r, D_in), B (D_out, r); trainable only if it is active."""
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False):
+        """Add adapter `adapter_name` with A (r, D_in), B (D_out, r) (and DoRA's m (D_out,) = ‖W0 + s·B A‖ per row
+        with use_dora); trainable only if it is active."""
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
         check_adapter_name(adapter_name)
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer; delete_adapter it first")
@@ -151,6 +180,11 @@ class LoRALinear(Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_dora[adapter_name] = use_dora
+        if use_dora:                                        # m₀ = n₀, so W' = W0 + s·B A at the start (PEFT)
+            A, B = self.lora_A[adapter_name].weight.data, self.lora_B[adapter_name].weight.data
+            m = F.dora_weight_norm(self._base_weight(), A, B, self.scaling[adapter_name])   # (D_out,)
+            self.lora_magnitude_vector[adapter_name] = DoraLinearLayer(m.astype(dt))
         self.set_adapter(self.active_adapters)             # keeps the active set; fixes requires_grad flags
 
     def set_adapter(self, adapter_names):
@@ -166,6 +200,8 @@ class LoRALinear(Module):
             trainable = key in names
             self.lora_A[key].weight.requires_grad = trainable
             self.lora_B[key].weight.requires_grad = trainable
+            if key in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[key].weight.requires_grad = trainable
         self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str):
@@ -173,8 +209,11 @@ class LoRALinear(Module):
             raise ValueError(f"adapter {adapter_name!r} does not exist; this layer has {list(self.lora_A)}")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
-        for d in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
+        for d in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora,
+                  self.use_dora):
             del d[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         if adapter_name in self.active_adapters:
             remaining = [n for n in self.active_adapters if n != adapter_name]
             if not remaining and len(self.lora_A):
@@ -210,7 +249,11 @@ class LoRALinear(Module):
         On a 4-bit base the sum is re-quantized, which adds rounding error (PEFT warns the same way). Unlike PEFT,
         the pre-merge 4-bit codes are kept while merged (one more 4-bit copy of the layer), so unmerge gives them
         back byte for byte, and A, B are remembered as merged (r·(D_in + D_out) values), so unmerge takes out the
-        ΔW that went in even if the adapter was changed meanwhile."""
+        ΔW that went in even if the adapter was changed meanwhile.
+
+        A DoRA adapter merges as PEFT's: W ← c ⊙ (W + ΔW) with c = m / ‖W0 + ΔW‖ per row, the norm taken on the
+        weight with the adapters merged before it taken out (as its forward sees it); c is remembered for unmerge,
+        W ← W / c − ΔW."""
         names = self.active_adapters if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
         already = [n for n in names if n in self.merged_adapters]
@@ -230,8 +273,15 @@ class LoRALinear(Module):
                 self._unmerged_4bit = (b.weight.data, b.weight.quant_state)
             W = self._base_weight()
             delta = self.get_delta_weight(name)                                 # (D_out, D_in)
+            c = None
+            if self.use_dora[name]:
+                A, B = self.lora_A[name].weight.data, self.lora_B[name].weight.data   # (r, D_in), (D_out, r)
+                n = F.dora_weight_norm(self._unmerged_base_weight(), A, B, self.scaling[name])   # (D_out,)
+                c = self.lora_magnitude_vector[name].weight.data / n           # (D_out,)  m / n
             if safe_merge or isinstance(self.base_layer, Linear4bit):
                 merged = W + delta                                              # (D_out, D_in) a copy
+                if c is not None:
+                    merged *= c[:, None]                                        # (D_out, D_in)  c ⊙ (W + ΔW)
                 if safe_merge:
                     xp = get_array_module(merged)
                     bad = ~xp.isfinite(merged)
@@ -241,10 +291,28 @@ class LoRALinear(Module):
                 self._set_base_weight(merged)
             else:
                 W += delta                                                      # in place
+                if c is not None:
+                    W *= c[:, None]                                             # (D_out, D_in)  c ⊙ (W + ΔW)
             self.merged_adapters.append(name)
             self._merged_factors[name] = (self.lora_A[name].weight.data.copy(),   # (r, D_in)
                                           self.lora_B[name].weight.data.copy(),   # (D_out, r)
-                                          self.scaling[name])
+                                          self.scaling[name], c)                  # c (D_out,) or None
+
+    def _unmerged_base_weight(self):
+        """W0 with every merged adapter taken out (D_out, D_in): the weight DoRA's norm is taken on (PEFT's
+        `_unmerged_base_weight`). A copy, except when nothing is merged."""
+        if not self.merged_adapters:
+            return self._base_weight()
+        if self._unmerged_4bit is not None:                                     # the codes from before any merge
+            codes, state = self._unmerged_4bit
+            return dequantize_4bit(codes, state).astype(self.base_layer.compute_dtype)   # (D_out, D_in)
+        W = self.base_layer.weight.data.copy()                                  # (D_out, D_in)
+        for name in reversed(self.merged_adapters):
+            A, B, s, c = self._merged_factors[name]
+            if c is not None:
+                W /= c[:, None]
+            W -= _delta(A, B, s)
+        return W
 
     def unmerge(self):
         """Undo merge(): pop merged adapters last-in first-out and subtract the ΔW each one added.
@@ -255,8 +323,10 @@ class LoRALinear(Module):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
-            A, B, s = self._merged_factors.pop(self.merged_adapters.pop())
+            A, B, s, c = self._merged_factors.pop(self.merged_adapters.pop())
             if not isinstance(self.base_layer, Linear4bit):
+                if c is not None:
+                    self.base_layer.weight.data /= c[:, None]                  # (D_out, D_in)  DoRA: W / c − ΔW
                 self.base_layer.weight.data -= _delta(A, B, s)                  # (D_out, D_in)
         if self._unmerged_4bit is not None:
             b = self.base_layer
@@ -265,7 +335,10 @@ class LoRALinear(Module):
 
     # ---- the two passes -------------------------------------------------------------------------------------
     def forward(self, x):
-        """y = base(x) + Σ_active s · dropout(x) Aᵀ Bᵀ   (base alone when merged or disabled).   x (..., D_in)."""
+        """y = base(x) + Σ_active s · dropout(x) Aᵀ Bᵀ   (base alone when merged or disabled).   x (..., D_in).
+
+        A DoRA adapter adds `functional.dora_forward`'s term instead: (m/n − 1) ⊙ base_out + (m/n) ⊙ s·xd Aᵀ Bᵀ,
+        with base_out = base(x) − b without dropout (PEFT reuses the base result) and xd W0ᵀ with it."""
         if self.disable_adapters and self.merged:
             self.unmerge()
         y = self.base_layer(x)                                                 # (..., D_out)
@@ -274,21 +347,36 @@ class LoRALinear(Module):
             return y
         x2 = x.reshape(-1, self.in_features)                                   # (N, D_in)
         y2 = y.reshape(-1, self.out_features)                                  # (N, D_out) view of y
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        if len(active) > 1 and any(self.use_dora[n] for n in active):
+            raise NotImplementedError(f"several active adapters {active} with DoRA among them: PEFT rescales the "
+                                      "outputs of the adapters before a DoRA one as well; activate one at a time")
         caches = []
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        for name in active:
             p = self.lora_dropout[name] if self.training else 0.0
             xd, mask = F.dropout_forward(x2, p, self._rng)                     # (N, D_in)
             A, B = self.lora_A[name].weight.data, self.lora_B[name].weight.data   # (r, D_in), (D_out, r)
-            out, cache = F.lora_forward(xd, A, B, self.scaling[name])
+            s = self.scaling[name]
+            if self.use_dora[name]:
+                W0 = self._base_weight()                                       # (D_out, D_in)
+                if mask is None:                                               # PEFT: the base result, bias removed
+                    b = self.base_layer.bias
+                    base_out = y2 - b.data if b is not None else y2.copy()     # (N, D_out)  x W0ᵀ
+                else:                                                          # PEFT: W0 applied to dropout(x)
+                    base_out = xd @ W0.T                                       # (N, D_out)  xd W0ᵀ
+                n = F.dora_weight_norm(W0, A, B, s)                            # (D_out,)  held constant
+                m = self.lora_magnitude_vector[name].weight.data               # (D_out,)
+                out, cache = F.dora_forward(xd, base_out, A, B, s, m, n)       # (N, D_out)
+            else:
+                out, cache = F.lora_forward(xd, A, B, s)                       # (N, D_out)
             y2 += out                                                          # (N, D_out)
             caches.append((name, mask, cache))
         self._cache = caches
         return y
 
     def backward(self, dout):
-        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB accumulate."""
+        """dx through the frozen base (dy W0, dequantized for 4-bit) plus each adapter's branch; dA, dB (and DoRA's
+        dm) accumulate."""
         dx = self.base_layer.backward(dout)                                    # (..., D_in)  no dW for W0
         caches, self._cache = self._cache, None                                # freed once used
         if not caches:
@@ -297,8 +385,16 @@ class LoRALinear(Module):
         dx2 = dx.reshape(-1, self.in_features)                                 # (N, D_in) view of dx
         for name, mask, cache in caches:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight           # (r, D_in), (D_out, r)
-            ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name],
-                                          need_dA=A.requires_grad, need_dB=B.requires_grad)
+            if self.use_dora[name]:
+                M = self.lora_magnitude_vector[name].weight                     # (D_out,)
+                ddx, dA, dB, dm = F.dora_backward(dy2, cache, A.data, B.data, self.scaling[name],
+                                                  self._base_weight(), need_dA=A.requires_grad,
+                                                  need_dB=B.requires_grad, need_dm=M.requires_grad)
+                if dm is not None:
+                    M.accumulate_grad(dm, owned=True)
+            else:
+                ddx, dA, dB = F.lora_backward(dy2, cache, A.data, B.data, self.scaling[name],
+                                              need_dA=A.requires_grad, need_dB=B.requires_grad)
             dx2 += F.dropout_backward(ddx, mask)                               # (N, D_in)
             if dA is not None:
                 A.accumulate_grad(dA, owned=True)
@@ -323,8 +419,10 @@ class QLoRALinear(LoRALinear):
 
     def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None,
-                 quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64):
+                 quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
+                 use_dora: bool = False):
         if not isinstance(base_layer, Linear4bit):
             base_layer = Linear4bit.from_linear(base_layer, quant_type=quant_type,
                                                 compress_statistics=compress_statistics, blocksize=blocksize)
-        super().__init__(base_layer, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, rng)
+        super().__init__(base_layer, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, rng,
+                         use_dora=use_dora)

@@ -74,6 +74,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: list | None = None
     init_lora_weights: bool | str = True
     layers_to_transform: list | int | None = None
@@ -88,6 +89,8 @@ class LoraConfig:
 
     def __post_init__(self):
         check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)   # PEFT's messages
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"Requested bias: {self.bias!r}, is not implemented; choose 'none', 'all' or 'lora_only'")
         if self.peft_type != "LORA":
@@ -143,6 +146,8 @@ class LoraConfig:
         out["inference_mode"] = True
         if self.use_rslora:
             out["use_rslora"] = True
+        if self.use_dora:                   # PEFT >= 0.9 reads it; an older PEFT refuses the file, as it should
+            out["use_dora"] = True
         return out
 
     @classmethod

@@ -4,6 +4,8 @@ The tensors file holds, for every adapted module at dotted path P of the base mo
 
     base_model.model.P.lora_A.weight    A  (r, in_features)
     base_model.model.P.lora_B.weight    B  (out_features, r)
+    base_model.model.P.lora_magnitude_vector    m  (out_features,)   DoRA adapters only (in memory
+                                                                   `P.lora_magnitude_vector.<adapter>.weight`)
 
 with metadata {"format": "pt"}. The adapter *name* is stripped from the keys (in memory PEFT calls them
 `...lora_A.default.weight`), so one file can be loaded under any name. With bias="all" every bias is saved too
@@ -104,6 +106,8 @@ def adapter_parameters(base_model, adapter_name: str, config: LoraConfig) -> dic
         if isinstance(m, LoRALinear) and adapter_name in m.lora_A:
             out[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[adapter_name].weight    # (r, in)
             out[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[adapter_name].weight    # (out, r)
+            if adapter_name in m.lora_magnitude_vector:                               # DoRA's m, PEFT's key
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector[adapter_name].weight  # (out,)
     if config.bias != "none":
         for path, m in base_model.named_modules():
             if isinstance(m, LoRALinear) and m.base_layer.bias is not None:

@@ -150,9 +150,11 @@ def test_loading_config_errors(tmp_path):
     with pytest.raises(ValueError, match="only LORA"):
         LoraConfig.from_pretrained(tmp_path)
     good = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["c_attn"]}
-    path.write_text(json.dumps({**good, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True"):
+    path.write_text(json.dumps({**good, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias=True"):
         LoraConfig.from_pretrained(tmp_path)
+    path.write_text(json.dumps({**good, "use_dora": True}))          # DoRA is implemented
+    assert LoraConfig.from_pretrained(tmp_path).use_dora is True
     path.write_text(json.dumps({**good, "r": 0}))
     with pytest.raises(ValueError, match="`r` should be a positive integer"):
         LoraConfig.from_pretrained(tmp_path)
