@@ -29,6 +29,19 @@ SRC = HERE / "src"
 
 
 MAGIC = re.compile(r"^# %(?!%)[A-Za-z]")         # `# %matplotlib inline`, not a `# %%` cell marker
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def kernel_env() -> dict:
+    """The environment of the executing kernel: this one, with one BLAS thread unless the caller chose otherwise.
+
+    The course's matrices are small, and on a shared or busy machine several BLAS threads per kernel fight for the
+    cores: notebook 06 took minutes instead of seconds that way. One thread keeps every notebook well under a minute
+    and its printed timings stable. Set OPENBLAS_NUM_THREADS (or OMP_/MKL_) yourself to override."""
+    env = dict(os.environ)
+    for var in BLAS_THREADS:
+        env.setdefault(var, "1")
+    return env
 
 
 def parse_percent(text: str) -> list:
@@ -58,6 +71,19 @@ def parse_percent(text: str) -> list:
     return cells
 
 
+def merge_streams(outputs: list) -> list:
+    """Join consecutive stdout (or stderr) chunks into one output. How the kernel splits a cell's prints into chunks
+    depends on timing, so without this a rebuild of an unchanged notebook would reshuffle its stored outputs."""
+    merged = []
+    for out in outputs:
+        if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == out.get("name")):
+            merged[-1]["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
+
+
 def build(src: pathlib.Path, execute: bool = True) -> float:
     """Write notebooks/<src.stem>.ipynb from src, executed unless execute=False; returns the execution time (s)."""
     nb = nbformat.v4.new_notebook()
@@ -69,13 +95,15 @@ def build(src: pathlib.Path, execute: bool = True) -> float:
         import nbclient  # imported here: only needed when executing
         t0 = time.perf_counter()
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", record_timing=False,
-                                resources={"metadata": {"path": str(HERE)}}).execute()
+                                resources={"metadata": {"path": str(HERE)}}).execute(env=kernel_env())
         elapsed = time.perf_counter() - t0
         nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                        "language_info": {"name": "python"}}
     for i, cell in enumerate(nb.cells):           # stable ids keep diffs small between rebuilds
         cell["id"] = f"c{i:03d}"
         cell.metadata = {}
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     out = HERE / f"{src.stem}.ipynb"
     nbformat.write(nb, out)
     return elapsed

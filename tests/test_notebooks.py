@@ -45,7 +45,7 @@ def test_notebook_runs_top_to_bottom(path):
     t0 = time.perf_counter()
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
-    client.execute()                       # raises CellExecutionError on the first failing cell
+    client.execute(env=_builder().kernel_env())   # one BLAS thread; raises CellExecutionError on a failing cell
     elapsed = time.perf_counter() - t0
     assert _figures_snapshot() == before, f"{path.name} wrote into figures/ (only `minilora figures` may)"
     assert elapsed < 180, f"{path.name} took {elapsed:.0f} s; a notebook must run in about a minute"

@@ -66,7 +66,8 @@ assert round(transfer_seconds(1 * GB, gen=3, lanes=16) * 1e3, 6) == 125
 # %% [markdown]
 # ## 2. The mechanism on a toy device
 #
-# A 64 KB "device" with 4 KB pages (KB = 1,000 bytes, as the pool prints). Weights take 24 KB; the AdamW states of
+# A 64 KB "device" with 4 KB pages (KB = 1,000 bytes in this notebook's prints; the pool's own messages use
+# KiB = 1,024 bytes, so the same 28 KB request reads 27.34 KiB there). Weights take 24 KB; the AdamW states of
 # one parameter with 4,000 float32 values ($m$ and $v$, 16 KB each) are paged tensors. Then the forward pass asks for
 # 28 KB of activations: that only fits if state pages leave the device. Least-recently-used pages go first.
 
