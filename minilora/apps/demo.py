@@ -38,6 +38,7 @@ from pathlib import Path
 from minilora.apps.common import add_threads_option, apply_threads, check_out_dir
 from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, decode, encode, load_corpus
+from minilora.hf import export_hf
 from minilora.io import atomic_write_text, save_json, save_safetensors
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
 from minilora.pretrained import BASE_WEIGHTS, CHECKPOINT_DIR, eval_batches, load_base
@@ -64,7 +65,8 @@ SETTINGS = {   # default run; --quick trades accuracy of every number for a CI-s
 LR, LR_FULL, WARMUP, CLIP, R, ALPHA = 1e-3, 2e-4, 10, 1.0, 8, 16
 PROBE_STEPS = 2            # steps measured under tracemalloc (peak memory); excluded from the time per step
 # What a run leaves in its folder: a second run into the same folder is refused unless --overwrite.
-RUN_FILES = ("table.md", "table.json", "adapters", "full_finetune.safetensors", "last_layer.safetensors", "figures")
+RUN_FILES = ("table.md", "table.json", "adapters", "full_finetune.safetensors", "last_layer.safetensors", "figures",
+             "hf")
 
 
 # ------------------------------------------------------------------------------------------------- building
@@ -560,8 +562,10 @@ def main(argv=None) -> int:
         result["swap"] = adapter_swap(keep["lora_all"], corpora, s, args.seed, out, args.base, progress)
     except FileNotFoundError as e:                   # idlelib is a separate package on some Linux distributions
         result["swap_skipped"] = str(e)
+    # the base and the LoRA adapter as transformers + PEFT load them (docs/real_stack.md)
+    export_hf(load_base(args.base)[0], out / "hf", adapters={"lora_all": out / "adapters" / "lora_all"}, overwrite=True)
     return _finish(result, out, fig_dirs, lambda dp, res, d: dp.demo_figures(res, d), t_start,
-                   "table.md, table.json, adapters/, full_finetune.safetensors")
+                   "table.md, table.json, adapters/, hf/, full_finetune.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------- sample
