@@ -13,7 +13,7 @@ that to 2 + 8/256 = 2.03 bytes. For each trainable parameter p with gradient g, 
     absmax1[b] = max |m| over block b,  state1 = code of m / absmax1[b]           requantize, blocks of 256
     absmax2[b] = max |v| over block b,  state2 = code of v / absmax2[b]
 
-The dynamic map (`create_dynamic_map` below) spends its 8 bits on an exponent that runs over
+The dynamic map (minilora.quant's `create_dynamic_map`) spends its 8 bits on an exponent that runs over
 seven decades and a shrinking fraction, so small and large entries of a block both keep a few significant digits.
 A parameter with fewer than `min_8bit_size` (4096) elements keeps float32 states: its states are tiny, and for
 those bnb uses its 32-bit kernel, whose last line is the algebraically equal
@@ -33,8 +33,8 @@ line, down to the rounding:
     single rounding of the fused operation (Boldo & Melquiond: rounding to odd with ≥ 2 extra bits never double
     rounds). Scalars are cast to float32 first, as torch does; `mul_`, `addcdiv_`, `/` and `sqrt` are unfused.
   - bnb's CPU re-quantization is its C++ 65,536-bin lookup table (`csrc/cpu_ops.cpp`), not the nearest code:
-    `quantize_states` reproduces it (it agrees with minilora.quant.blockwise.quantize_blockwise_lut), including
-    code 0 for an all-zero block (which dequantizes to -0.0 with the signed map).
+    minilora.quant's `quantize_blocks_lut` (the kernel of `quantize_blockwise_lut`) reproduces it, including
+    code 0 for an all-zero block (which dequantizes to -0.0 with the signed map); `dequantize_blocks` undoes it.
 
 One difference is torch's, not ours: torch's CPU `sqrt` (Intel MKL's vector math on x86) is not correctly rounded;
 ~19% of its float32 results are 1 ulp off. We take the IEEE square root, so after many steps a few parameters
@@ -44,47 +44,15 @@ differ from bnb's by an ulp or so; the states never do (they do not depend on �
 """
 from __future__ import annotations
 
-import functools
 import math
-import struct
 
-from minilora.backend import get_array_module, to_numpy, xp_current
+from minilora.backend import get_array_module
 from minilora.optim.optimizer import Optimizer, check_number
+from minilora.quant.blockwise import dequantize_blocks, quantize_blocks_lut
+from minilora.quant.codebooks import create_dynamic_map
 
 BLOCKSIZE = 256                 # bnb's blockwise optimizers (2048 before 0.44)
 MIN_8BIT_SIZE = 4096            # bnb: parameters with fewer elements keep float32 states
-LUT_BINS = 65536                # bnb's CPU quantize kernel: bins over [-1, 1]
-_luts: dict = {}
-
-
-# ------------------------------------------------------------------------------------------------ the dynamic maps
-def _f32(v: float) -> float:
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-@functools.lru_cache(maxsize=2)
-def _dynamic_values(signed: bool) -> tuple:
-    """bnb's create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) as Python floats holding float32 values.
-
-    For decade i = 0..6: the midpoints of torch.linspace(0.1, 1, 2^k + 1) in float32 (k = i, or i + 1 unsigned: the
-    sign bit becomes a fraction bit), times float32(10^(i-6)); their negatives if signed; then 0 and 1; sorted.
-    The same table as minilora.quant.codebooks.create_dynamic_map (a test pins them equal); it is rebuilt here so
-    that the optimizers stay below the quantizers in the package's layering."""
-    data = []
-    for i in range(7):
-        n = 2 ** (i + (0 if signed else 1)) + 1
-        step = _f32(_f32(1.0 - _f32(0.1)) / (n - 1))                       # torch.linspace, float32, both halves
-        b = [_f32(_f32(0.1) + step * j) if j < n // 2 else _f32(1.0 - step * (n - 1 - j)) for j in range(n)]
-        scale = _f32(10.0 ** (i - 6))
-        vals = [_f32(scale * _f32(_f32(b[j] + b[j + 1]) / 2.0)) for j in range(n - 1)]
-        data += vals + ([-v for v in vals] if signed else [])
-    return tuple(sorted(data + [0.0, 1.0]))                              # 256 values
-
-
-def create_dynamic_map(signed: bool = True, xp=None):
-    """The 8-bit dynamic map (256 float32 values): signed for Adam's m (zero at index 127), unsigned for v."""
-    xp = xp or xp_current()
-    return xp.asarray(_dynamic_values(bool(signed)), dtype=xp.float32)   # (256,)
 
 
 # ------------------------------------------------------------------------------------------------- float32 rounding
@@ -108,64 +76,6 @@ def fma32(a, b, c):
     return s.astype(xp.float32)
 
 
-# ----------------------------------------------------------------------------------------- 8-bit block-wise states
-def _lut(code):
-    """bnb's CPU quantize table: bin i stands for v_i = -1 + 2i/65535 (float32) and holds #{midpoints < v_i}."""
-    xp = get_array_module(code)
-    key = (xp.__name__, to_numpy(code).tobytes())
-    if key not in _luts:
-        order = xp.argsort(code, kind="stable") if xp.__name__ == "numpy" else xp.argsort(code)   # (256,)
-        s = code[order]                                                   # sorted
-        mid = (s[:-1] + s[1:]) / xp.float32(2)                            # (255,) float32 midpoints
-        v = xp.float32(-1) + xp.float32(2) * xp.arange(LUT_BINS, dtype=xp.float32) / xp.float32(LUT_BINS - 1)
-        _luts[key] = order.astype(xp.uint8)[xp.searchsorted(mid, v, side="left")]   # (65536,)
-    return _luts[key]
-
-
-def dequantize_states(codes, absmax, code):
-    """float32 values code[codes] · absmax[block] of flat uint8 `codes` (blocks of 256 from codes[0])."""
-    xp = get_array_module(codes)
-    vals = code[codes]                                                    # (n,) float32
-    n = vals.size
-    full = n - n % BLOCKSIZE
-    head = vals[:full].reshape(-1, BLOCKSIZE)                             # (n_full_blocks, 256) view
-    head *= absmax[:full // BLOCKSIZE, None]
-    if full < n:
-        vals[full:] *= absmax[-1]
-    return vals.astype(xp.float32, copy=False)
-
-
-def quantize_states(x, code, codes_out, absmax_out):
-    """bnb's CPU `quantize_blockwise` (the lookup-table kernel), vectorized over blocks, into codes_out/absmax_out.
-
-    Per block b of 256 (the last may be shorter): absmax_b = max |x|, inv = float32(1 / absmax_b),
-    code = lut[trunc((clip(x·inv, -1, 1) + 1) · 0.5 · 65535 + 0.5)]; an all-zero block stores absmax 0, code 0.
-    This is not the nearest code: ~0.15% of codes differ from it (docs/quantization.md)."""
-    xp = get_array_module(x)
-    f32 = xp.float32
-    n = x.size
-    full = n - n % BLOCKSIZE
-    nb = -(-n // BLOCKSIZE)
-    a = xp.empty(nb, dtype=f32)                                           # (n_blocks,)
-    a[:full // BLOCKSIZE] = xp.abs(x[:full].reshape(-1, BLOCKSIZE)).max(axis=1)
-    if full < n:
-        a[-1] = xp.abs(x[full:]).max()
-    if not bool(xp.isfinite(a).all()):
-        raise ValueError("8-bit AdamW state became NaN/Inf (a non-finite gradient?); the step cannot be quantized")
-    zero = a == 0
-    inv = f32(1) / xp.where(zero, f32(1), a)                              # (n_blocks,)
-    inv_x = xp.repeat(inv, BLOCKSIZE)[:n]                                 # (n,)
-    sc = xp.clip(x * inv_x, f32(-1), f32(1))
-    if not bool(xp.isfinite(inv).all()):                                  # subnormal absmax: bnb's index is undefined
-        sc = xp.nan_to_num(sc, nan=0.0)                                   # (0·inf); we send it to the code of 0
-    idx = ((sc + f32(1)) * f32(0.5) * f32(LUT_BINS - 1) + f32(0.5)).astype(xp.int32)   # (n,) trunc, in [0, 65535]
-    q = _lut(code)[idx]                                                   # (n,)
-    if bool(zero.any()):
-        q[xp.repeat(zero, BLOCKSIZE)[:n]] = 0
-    codes_out[...] = q
-    absmax_out[...] = a
-
-
 # ---------------------------------------------------------------------------------------------------- the updates
 def adamw8bit_update(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step: int, lr: float, beta1: float,
                      beta2: float, eps: float, weight_decay: float):
@@ -174,8 +84,8 @@ def adamw8bit_update(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step:
     xp = get_array_module(p)
     f32 = xp.float32
     g32 = g.astype(f32, copy=False)
-    m = dequantize_states(state1, absmax1, qmap1)                         # (n,)
-    v = dequantize_states(state2, absmax2, qmap2)                         # (n,)
+    m = dequantize_blocks(state1, absmax1, qmap1, BLOCKSIZE)              # (n,) float32
+    v = dequantize_blocks(state2, absmax2, qmap2, BLOCKSIZE)              # (n,)
     m = fma32(f32(1.0 - beta1), g32, m * f32(beta1))                      # mul_(β1).add_(g, alpha=1-β1)
     v = fma32(f32(1.0 - beta2) * g32, g32, v * f32(beta2))                # mul_(β2).addcmul_(g, g, value=1-β2)
     correction1 = 1.0 - beta1 ** step
@@ -187,8 +97,8 @@ def adamw8bit_update(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step:
     p32 += (f32(-lr / correction1) * m) / denom                           # addcdiv_(m, denom, value=-lr/c1)
     if p32 is not p:
         p[...] = p32
-    quantize_states(m, qmap1, state1, absmax1)
-    quantize_states(v, qmap2, state2, absmax2)
+    quantize_blocks_lut(m, qmap1, BLOCKSIZE, state1, absmax1, name="8-bit AdamW state1 (a non-finite gradient?)")
+    quantize_blocks_lut(v, qmap2, BLOCKSIZE, state2, absmax2, name="8-bit AdamW state2 (a non-finite gradient?)")
 
 
 def adamw32bit_update(p, g, state1, state2, step: int, lr: float, beta1: float, beta2: float, eps: float,

@@ -9,7 +9,11 @@ Per block of `blocksize` consecutive (C-order) elements:
 
 Mirrors the "default" (pure PyTorch) kernels of `bitsandbytes/backends/default/ops.py` (quantize_blockwise,
 quantize_4bit, 0.50.x) bit for bit. bnb's CPU C++ `quantize_blockwise` is a 65,536-bin lookup-table approximation
-that moves ~0.15% of the codes; `quantize_blockwise_lut` below reproduces it (for byte comparisons with bnb on CPU).
+that moves ~0.15% of the codes; `quantize_blockwise_lut` below reproduces it (for byte comparisons with bnb on CPU):
+    lut[i]   = code of #{midpoints < -1 + 2i/65535},  i = 0 .. 65535         (`bnb_cpu_lut`)
+    code_i   = lut[trunc((clip(x_i * float32(1 / absmax_b), -1, 1) + 1) * 0.5 * 65535 + 0.5)]
+Its vectorized kernel `quantize_blocks_lut` (writing into given arrays) and `dequantize_blocks` are also the
+requantization of bitsandbytes' 8-bit optimizer states (minilora.optim.adamw8bit).
 
 Work is done in cache-sized chunks, so the only full-size arrays ever allocated are the outputs.
 """
@@ -30,7 +34,9 @@ CHUNK = 1 << 16          # elements per chunk on NumPy (256 KiB of float32: stay
 TINY = 1e-38             # bnb clamps absmax to this before dividing (float32 1e-38 is a subnormal: keep it)
 _BINS = 1 << 14          # nearest-code lookup: bins per unit of scaled value (bin width 2^-14)
 _MAGIC = 513.0           # float32(scaled + 513) has ulp 2^-14: its low 16 bits are round((scaled + 1) * 2^14)
+LUT_BINS = 65536         # bnb's CPU quantize kernel: bins over [-1, 1]
 _lut_cache: dict = {}
+_cpu_lut_cache: dict = {}
 
 
 def chunk_size(xp, blocksize: int) -> int:
@@ -177,22 +183,76 @@ def dequantize_blockwise(A, quant_state: QuantState):
 
     TypeError unless A is a uint8 array and quant_state an 8-bit QuantState (a 4-bit one goes to dequantize_4bit);
     ValueError unless the two describe the same tensor."""
-    xp = get_array_module(A)
     check_dequantize_args(A, quant_state, four_bit=False)
     qs = quant_state
     absmax = qs.absmax
     if qs.nested:                                                        # an 8-bit state can itself be nested
         absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    n, bs = A.size, qs.blocksize
-    vals = qs.code.astype(xp.float32)[A.reshape(-1)]                    # (n,)
-    full = n - n % bs
-    head = vals[:full].reshape(-1, bs)                                   # (n_full_blocks, bs) view
-    head *= absmax[:full // bs, None]
-    if full < n:
-        vals[full:] *= absmax[-1]
+    vals = dequantize_blocks(A, absmax, qs.code, qs.blocksize)           # (n,) float32
     if qs.bfloat16:                                                      # a bnb state of a bfloat16 tensor
         round_to_bfloat16(vals)
     return vals.astype(qs.dtype, copy=False).reshape(qs.shape)
+
+
+def dequantize_blocks(codes, absmax, code, blocksize: int):
+    """float32 values code[q] * absmax[block] of uint8 `codes` (any shape), flat (n,): blocks of `blocksize` from
+    element 0, the last may be shorter. No argument checks (dequantize_blockwise makes them)."""
+    xp = get_array_module(codes)
+    vals = code.astype(xp.float32, copy=False)[codes.reshape(-1)]       # (n,) a new array
+    n = vals.size
+    full = n - n % blocksize
+    head = vals[:full].reshape(-1, blocksize)                            # (n_full_blocks, blocksize) view
+    head *= absmax[:full // blocksize, None]
+    if full < n:
+        vals[full:] *= absmax[-1]
+    return vals
+
+
+def bnb_cpu_lut(code):
+    """bnb's CPU quantize table for `code` (65,536 uint8 codes, cached): bin i stands for v_i = -1 + 2i/65535 in
+    float32 and holds the code of #{midpoints < v_i}, as `csrc/cpu_ops.cpp` builds it."""
+    xp = get_array_module(code)
+    key = (xp.__name__, to_numpy(code).tobytes())
+    if key not in _cpu_lut_cache:
+        if len(_cpu_lut_cache) > 32:                                     # many custom tables: start over
+            _cpu_lut_cache.clear()
+        mid, order = midpoints(code)                                     # (k-1,), (k,)
+        v = xp.float32(-1) + xp.float32(2) * xp.arange(LUT_BINS, dtype=xp.float32) / xp.float32(LUT_BINS - 1)
+        _cpu_lut_cache[key] = order.astype(xp.uint8)[xp.searchsorted(mid, v, side="left")]   # (65536,)
+    return _cpu_lut_cache[key]
+
+
+def quantize_blocks_lut(x, code, blocksize: int, out, absmax_out, name: str = "input"):
+    """The kernel of `quantize_blockwise_lut`, vectorized over blocks: float32 `x` (any shape) into uint8 `out` and
+    float32 `absmax_out` (n_blocks,), in place. No argument checks beyond the NaN/Inf one (callers make them).
+
+    Per block b (the last may be shorter): absmax_b = max |x| (not clamped), inv = float32(1 / absmax_b),
+    code = lut[trunc((clip(x*inv, -1, 1) + 1) * 0.5 * 65535 + 0.5)]; an all-zero block stores absmax 0, code 0.
+    A subnormal absmax makes inv inf, where bnb's index is undefined (0 * inf): such zeros get the code of 0.
+    ValueError (naming `name`) on NaN/Inf; nothing is written then."""
+    xp = get_array_module(x)
+    f32 = xp.float32
+    flat = x.reshape(-1)
+    n = flat.size
+    full = n - n % blocksize
+    a = xp.empty(-(-n // blocksize), dtype=f32)                          # (n_blocks,)
+    a[:full // blocksize] = xp.abs(flat[:full].reshape(-1, blocksize)).max(axis=1)
+    if full < n:
+        a[-1] = xp.abs(flat[full:]).max()
+    if not bool(xp.isfinite(a).all()):
+        raise_if_not_finite(x, name)
+        raise ValueError(f"{name} gave a non-finite block absmax although every value is finite")
+    zero = a == 0                                                        # (n_blocks,)
+    inv = f32(1) / xp.where(zero, f32(1), a)                             # (n_blocks,)
+    sc = xp.clip(flat * xp.repeat(inv, blocksize)[:n], f32(-1), f32(1))  # (n,)
+    if not bool(xp.isfinite(inv).all()):
+        sc = xp.nan_to_num(sc, nan=0.0)
+    idx = ((sc + f32(1)) * f32(0.5) * f32(LUT_BINS - 1) + f32(0.5)).astype(xp.int32)   # (n,) trunc, in [0, 65535]
+    q = bnb_cpu_lut(code)[idx]                                           # (n,) uint8
+    if bool(zero.any()):
+        q[xp.repeat(zero, blocksize)[:n]] = 0
+    out[...] = q.reshape(out.shape)                                      # out's shape (a view: no copy)
+    absmax_out[...] = a
 
 
 def quantize_blockwise_lut(A, code=None, blocksize: int = 4096):
@@ -203,30 +263,14 @@ def quantize_blockwise_lut(A, code=None, blocksize: int = 4096):
     exact nearest code). An all-zero block writes code 0 here (which dequantizes to -0.0), not 127.
 
     bnb on CPU stores these as the nested codes of double quantization, so this is the kernel for a
-    `nested_rounding="bnb-cpu"` option of double quantization (nested codes byte-equal with bnb on CPU); today the
-    bnb parity tests are its only caller. To quantize, use `quantize_blockwise`. Same input checks as it."""
+    `nested_rounding="bnb-cpu"` option of double quantization (nested codes byte-equal with bnb on CPU). Its kernel
+    `quantize_blocks_lut` requantizes the 8-bit optimizer states. To quantize, use `quantize_blockwise`. Same input
+    checks as it."""
     xp = check_quant_input(A)
     blocksize = check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
     code = create_dynamic_map(signed=True, xp=xp) if code is None else check_code(code, xp)
-    mid, order = midpoints(code)
-    v = (xp.float32(-1) + xp.float32(2) * xp.arange(65536, dtype=xp.float32) / xp.float32(65535))
-    lut = order.astype(xp.uint8)[xp.searchsorted(mid, v, side="left")]  # (65536,)
-    flat = A.reshape(-1).astype(xp.float32)
-    n = flat.size
-    out = xp.empty(n, dtype=xp.uint8)
-    absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)
-    for b, s in enumerate(range(0, n, blocksize)):
-        x = flat[s:s + blocksize]
-        a = xp.abs(x).max()
-        if not bool(xp.isfinite(a)):
-            _refuse(A)
-        absmax[b] = a
-        if a == 0:
-            out[s:s + blocksize] = 0
-            continue
-        inv = xp.float32(1) / a
-        sc = xp.clip(x * inv, -1, 1)
-        idx = ((sc + xp.float32(1)) * xp.float32(0.5) * xp.float32(65535) + xp.float32(0.5)).astype(xp.int32)
-        out[s:s + blocksize] = lut[idx]
-    return out.reshape(A.shape), QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
+    out = xp.empty(A.shape, dtype=xp.uint8)                              # A's shape
+    absmax = xp.empty(-(-A.size // blocksize), dtype=xp.float32)         # (n_blocks,)
+    quantize_blocks_lut(A.astype(xp.float32, copy=False), code, blocksize, out, absmax)
+    return out, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
                                             dtype=A.dtype)
