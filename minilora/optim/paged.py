@@ -46,6 +46,18 @@ class PagedAdamW(AdamW):
                 raise ValueError(f"page_size {self.pool.page_size} B is not a multiple of the element size "
                                  f"({p.dtype.itemsize} B) of parameter {n!r}")
 
+    def step(self):
+        """Optimizer.step with the pool told which step runs, so an OutOfMemoryError raised while the states are
+        created or paged back names "optimizer step N", not "setup" (unless the training loop set pool.step)."""
+        own = self.pool.step is None
+        if own:
+            self.pool.step = f"{self.step_count + 1} (optimizer step)"
+        try:
+            super().step()
+        finally:
+            if own:
+                self.pool.step = None
+
     def _new_buffer(self, name, p):
         """A zero state buffer for p: paged if big enough (bnb's ≥ 1e5 rule), else a device array in the budget."""
         if self.pool.is_paged(p.numel()):

@@ -31,6 +31,18 @@ def test_bandwidth_model_rejects_bad_settings(kw):
 
 
 # ------------------------------------------------------------------------------------------------------ the pool
+def test_oom_inside_optimizer_step_is_labelled_by_the_step_not_setup():
+    from minilora.nn.parameter import Parameter
+    p = Parameter(np.zeros(200_000, np.float32))
+    p.grad = np.ones_like(p.data)
+    pool = PagedPool(budget_bytes=100_000, page_size=64 * 1024, paging=True)
+    opt = PagedAdamW([("w", p)], pool=pool)
+    with pytest.raises(OutOfMemoryError) as e:
+        opt.step()
+    assert "step 1 (optimizer step)" in str(e.value) and "setup" not in str(e.value)
+    assert pool.step is None                                          # the label does not outlive the step
+
+
 def test_allocations_share_the_budget_and_oom_names_step_request_and_occupants():
     pool = PagedPool(budget_bytes=1000, page_size=64, paging=False)
     pool.allocate("w", 600, "weights")
