@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minilora.data import LN2
-from minilora.io import load_json, load_safetensors
+from minilora.io import CorruptFileError, load_json, load_safetensors
 from minilora.nn import GPT, GPTConfig
 from minilora.train import evaluate
 
@@ -23,12 +23,23 @@ EVAL_CHUNK = 16                      # windows per eval forward pass
 
 
 def load_base(directory=None):
-    """(model, meta): the GPT saved by `minilora pretrain` (default: the checkpoint shipped with minilora)."""
+    """(model, meta): the GPT saved by `minilora pretrain` (default: the checkpoint shipped with minilora).
+
+    A base.json or base.safetensors that does not describe a GPT raises CorruptFileError naming the file."""
     d = Path(directory) if directory is not None else CHECKPOINT_DIR
     meta = load_json(d / BASE_META)
-    model = GPT(GPTConfig(**meta["config"]))
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{d / BASE_META}: no 'config' object (is this a `minilora pretrain` folder?)")
+    try:
+        model = GPT(GPTConfig(**config))
+    except (TypeError, ValueError) as e:                      # unknown fields, wrong types, impossible sizes
+        raise CorruptFileError(f"{d / BASE_META}: its config does not describe a GPT: {e}") from e
     tensors, _ = load_safetensors(d / BASE_WEIGHTS)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except (KeyError, ValueError) as e:                       # missing/unexpected keys, shapes that disagree
+        raise CorruptFileError(f"{d / BASE_WEIGHTS} does not match the config in {BASE_META}: {e}") from e
     return model, meta
 
 

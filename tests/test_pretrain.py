@@ -65,3 +65,26 @@ def test_bad_cli_input_errors(argv, message, capsys, tmp_path):
         pretrain.main(argv + ["--out", str(tmp_path)])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [None, [], {"n_layer": "four"}, {"no_such_field": 1}, {"n_embd": 10, "n_head": 3}])
+def test_a_tampered_base_json_is_a_clear_error(tmp_path, config):
+    import shutil
+
+    from minilora.io import CorruptFileError
+    shutil.copy(pretrained.CHECKPOINT_DIR / pretrained.BASE_WEIGHTS, tmp_path / pretrained.BASE_WEIGHTS)
+    meta = dict(META, config=config) if config is not None else {k: v for k, v in META.items() if k != "config"}
+    (tmp_path / pretrained.BASE_META).write_text(json.dumps(meta))
+    with pytest.raises(CorruptFileError, match="base"):
+        pretrained.load_base(tmp_path)
+
+
+def test_weights_that_do_not_match_the_config_are_a_clear_error(tmp_path):
+    import shutil
+
+    from minilora.io import CorruptFileError
+    shutil.copy(pretrained.CHECKPOINT_DIR / pretrained.BASE_WEIGHTS, tmp_path / pretrained.BASE_WEIGHTS)
+    meta = dict(META, config=dict(META["config"], n_layer=META["config"]["n_layer"] + 1))
+    (tmp_path / pretrained.BASE_META).write_text(json.dumps(meta))
+    with pytest.raises(CorruptFileError, match="does not match"):
+        pretrained.load_base(tmp_path)
