@@ -8,10 +8,11 @@ import copy
 
 import numpy as np
 import pytest
-from nn_reference import fd_grad, rel_err
+from nn_reference import check_step_against_peft, fd_grad, rel_err, torch_gpt
 
-from minilora.nn import Linear, LoRALinear, QLoRALinear
+from minilora.nn import GPT, GPTConfig, Linear, LoRALinear, QLoRALinear
 from minilora.nn import functional as F
+from minilora.peft import LoraConfig, get_peft_model
 
 RNG = np.random.default_rng(11)
 
@@ -176,3 +177,25 @@ def test_adapter_bookkeeping():
     assert set(layer.lora_magnitude_vector) == {"default"} and "other" not in layer.use_dora
     with pytest.raises(ValueError, match="use_dora"):
         layer.update_layer("bad", 2, 4, use_dora="yes")
+
+
+def test_gpt_training_step_equals_peft_dora():
+    """A whole float64 GPT with DoRA on every block linear: loss and every gradient (A, B, m) equal PEFT's at 1e-10."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, dtype="float64")
+    base = GPT(cfg)
+    t = torch_gpt(cfg, torch)
+    t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in base.state_dict().items()})
+    targets = ["c_attn", "c_proj", "c_fc"]
+    ours = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    theirs = peft.get_peft_model(t, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    tp = dict(theirs.named_parameters())
+    rng = np.random.default_rng(2)
+    with torch.no_grad():
+        for name, p in ours.base_model.model.named_parameters():
+            if "lora_" in name:
+                if "lora_B" in name or "magnitude" in name:           # B off zero, m off its initial value
+                    p.data += 0.1 * rng.standard_normal(p.data.shape)
+                tp["base_model.model." + name].copy_(torch.from_numpy(p.data))
+    assert check_step_against_peft(ours.base_model.model, theirs, torch, seed=1) == 3 * 4 * cfg.n_layer
