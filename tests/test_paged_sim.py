@@ -1,5 +1,6 @@
 """`minilora paged-sim`: the spike trace kills the unpaged run at the spike step and is survived with paging, for
-QLoRA 7B on 24 GB, 65B on 48 GB and the tiny real-array model; the --json shape; bad input is a clear ValueError."""
+QLoRA 7B on 24 GB, 65B on 48 GB and the tiny real-array model, with 32-bit and 8-bit AdamW states; the --json shape;
+bad input is a clear ValueError."""
 import json
 
 import pytest
@@ -12,9 +13,11 @@ from minilora.apps.paged_sim import check_trace, get_scenario, main, make_trace,
 GB = 10 ** 9
 
 
-@pytest.fixture(scope="module", params=["7b", "65b", "tiny"])
+@pytest.fixture(scope="module", params=[(m, o) for o in ("adamw", "adamw8bit") for m in ("7b", "65b", "tiny")],
+                ids=lambda mo: "-".join(mo))
 def spike_run(request):
-    return run_scenario(request.param, steps=30, seed=1)
+    model, optim = request.param
+    return run_scenario(model, steps=30, seed=1, optim=optim)
 
 
 def test_unpaged_ooms_at_the_first_spike_and_paged_survives_it(spike_run):
@@ -31,8 +34,10 @@ def test_unpaged_ooms_at_the_first_spike_and_paged_survives_it(spike_run):
     moved = [d for d in p["per_step"] if d["bytes_evicted"]]
     assert {d["step"] for d in moved} == {i + 1 for i, n in enumerate(s["trace"]) if n == s["trace"][first_spike - 1]}
     assert sum(d["transfer_seconds"] for d in p["per_step"]) == pytest.approx(p["transfer_seconds"])
+    assert s["optim"] == p["optim"] == u["optim"]
+    assert s["optimizer"] == {"adamw": "PagedAdamW", "adamw8bit": "PagedAdamW8bit"}[s["optim"]]
     if s["model"] == "tiny":
-        assert p["bit_identical_to_adamw"] is True
+        assert p["bit_identical_to_adamw"] is True                    # 8-bit: parameters and every state byte
 
 
 def test_model_numbers_are_the_qlora_recipe():
@@ -44,6 +49,23 @@ def test_model_numbers_are_the_qlora_recipe():
         assert all(n >= 100_000 for n in scn.numels)                  # every LoRA A/B state is paged (bnb's rule)
     assert sum(get_scenario("7b").numels) == 159_907_840              # r=64 on q,k,v,o,gate,up,down of 32 blocks
     assert get_scenario("7b").source == "minilora.memory"             # the calculator, not the fallback
+
+
+def test_8bit_states_are_codes_plus_absmax():
+    for model in ("7b", "65b"):
+        scn = get_scenario(model)
+        r8, r32 = room(scn, scn.budget_bytes, optim="adamw8bit"), room(scn, scn.budget_bytes)
+        assert r8["states"] == sum(2 * n + 2 * 4 * -(-n // 256) for n in scn.numels)   # uint8 m, v + float32 absmax
+        assert r8["unpaged_states"] == sum(2 * 4 * -(-n // 256) for n in scn.numels)   # absmax stays on the device
+        assert r8["states"] * 8 / r32["states"] == pytest.approx(2 + 8 / 256)           # 2.03 B per parameter
+    assert round(room(get_scenario("65b"), 48 * GB, optim="adamw8bit")["states"] / GB, 2) == 1.62
+    tiny = get_scenario("tiny")                                       # the 512-element biases stay float32 (< 4096)
+    assert room(tiny, tiny.budget_bytes, optim="adamw8bit")["states"] == 4 * (2 * 131072 + 8 * 512) + 4 * 8 * 512
+
+
+def test_8bit_without_prefetch_is_still_bit_identical():
+    res = run_scenario("tiny", steps=12, seed=3, prefetch=False, optim="adamw8bit")["paged"]
+    assert res["completed"] and res["page_faults"] > 0 and res["bit_identical_to_adamw"] is True
 
 
 def test_no_prefetch_faults_page_by_page_and_costs_more():
@@ -102,12 +124,24 @@ def test_cli_summary_and_figure(tmp_path, capsys):
     assert main(["--model", "tiny", "--steps", "10", "--figure", str(fig)]) == 0
     out = capsys.readouterr().out
     assert "without paging: OutOfMemoryError at step" in out and "completed 10/10 steps" in out
-    assert "bit-identical to plain AdamW: True" in out
+    assert "bit-identical to plain AdamW: True" in out and "optimizer: PagedAdamW (paged_adamw_32bit)" in out
     png = fig.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     res = run_scenario("tiny", steps=10)
     paged_sim.plot_timeline(res, tmp_path / "again.png")
     assert (tmp_path / "again.png").read_bytes() == png                # deterministic output
+
+
+def test_cli_optim_adamw8bit(capsys):
+    assert main(["--model", "tiny", "--optim", "adamw8bit", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer: PagedAdamW8bit (paged_adamw_8bit), unpaged baseline AdamW8bit" in out
+    assert "without paging: OutOfMemoryError at step" in out
+    assert "with paging (PagedAdamW8bit, prefetch on): completed 10/10 steps" in out
+    assert "parameters and state bytes bit-identical to plain AdamW8bit: True" in out
+    assert main(["--model", "65b", "--optim", "adamw8bit", "--steps", "3", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["scenario"]["optim"] == "adamw8bit" and obj["scenario"]["bnb_name"] == "paged_adamw_8bit"
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -118,6 +152,8 @@ def test_cli_summary_and_figure(tmp_path, capsys):
     ({"model": "tiny", "trace": [10, -3, 5]}, "trace step 2: sequence length -3"),
     ({"model": "tiny", "trace": []}, "empty"),
     ({"model": "3b"}, "unknown model"),
+    ({"model": "tiny", "optim": "sgd"}, "unknown optimizer 'sgd'"),
+    ({"model": "tiny", "optim": "adamw8bit", "page_size": 4100}, "straddle two pages"),
 ])
 def test_bad_input_is_a_clear_value_error(kw, match):
     with pytest.raises(ValueError, match=match):

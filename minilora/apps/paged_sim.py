@@ -9,6 +9,11 @@ One training step, as the simulator replays it on a PagedPool (minilora.optim.pa
     optimizer step                    before each parameter's update its state pages come back (cudaMemPrefetchAsync
                                       in 2 MiB chunks, or page faults with --no-prefetch), then AdamW runs on them
 
+--optim picks the states (per parameter of n elements, m and v together; B = 256):
+    adamw       paged_adamw_32bit: float32 m and v                               8·n bytes, all of it pageable
+    adamw8bit   paged_adamw_8bit: uint8 codes + one float32 absmax per block     2·n pageable + 8·ceil(n/B) on the
+                (n ≥ min_8bit_size = 4096; smaller parameters keep float32)      device (bnb pages only state1/state2)
+
 The unpaged baseline is the same trace on the same budget with every state an ordinary device allocation: the
 spike step raises OutOfMemoryError naming the step, the request and what held the device.
 
@@ -16,11 +21,12 @@ Scenarios (the numbers come from minilora.memory, the memory calculator):
     7b     QLoRA LLaMA-7B on a 24 GB GPU: NF4 + double-quant base, LoRA r=64 on every linear layer (qlora.py's
            recipe), bf16 adapters and gradients, fp32 AdamW m and v (paged_adamw_32bit), micro-batch 16.
     65b    QLoRA LLaMA-65B on a 48 GB GPU, same recipe, micro-batch 2.
-    tiny   a few MB of real float32 arrays: the real PagedAdamW updates real parameters with seeded random gradients,
-           and the result is checked bit for bit against plain AdamW.
+    tiny   a few MB of real float32 arrays: the real PagedAdamW (or PagedAdamW8bit) updates real parameters with
+           seeded random gradients, and the result is checked bit for bit against plain AdamW (or AdamW8bit: the
+           parameters and every state byte).
 For 7b and 65b the optimizer states are bookkeeping only (no values: 1.3 GB and 6.4 GB would not fit here), driven
-through exactly the page loop PagedAdamW uses. Activations follow the calculator's Korthikanti et al. formula
-(with the 5·a·s² attention term, so they grow a little faster than linearly in the sequence length).
+through exactly the page loop PagedAdamW and PagedAdamW8bit use. Activations follow the calculator's Korthikanti et
+al. formula (with the 5·a·s² attention term, so they grow a little faster than linearly in the sequence length).
 
 The trace is sized to the budget so the story is visible: typical steps are drawn from [c/4, c/2] tokens, where c is
 the longest sequence that fits with every state on the device, and the occasional spike sits halfway between c and
@@ -46,7 +52,9 @@ from minilora.apps.common import add_threads_option, apply_threads, check_out_fi
 from minilora.backend import default_rng, xp_current
 from minilora.nn.parameter import Parameter
 from minilora.optim.adamw import AdamW
+from minilora.optim.adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, n_blocks
 from minilora.optim.paged import PagedAdamW
+from minilora.optim.paged8bit import PagedAdamW8bit
 from minilora.optim.paged_pool import (
     DEFAULT_PAGE_SIZE,
     GB,
@@ -58,6 +66,31 @@ from minilora.optim.paged_pool import (
     fmt_bytes,
     pcie_bandwidth,
 )
+
+# ----------------------------------------------------------------------------------------------------- optimizers
+OPTIMIZERS = {   # --optim: (paged optimizer, its unpaged twin, bitsandbytes / Hugging Face name)
+    "adamw": (PagedAdamW, AdamW, "paged_adamw_32bit"),
+    "adamw8bit": (PagedAdamW8bit, AdamW8bit, "paged_adamw_8bit"),
+}
+
+
+def check_optim(optim: str) -> str:
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optim!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return optim
+
+
+def is_8bit(optim: str, numel: int) -> bool:
+    """Whether this parameter's states are 8-bit codes (bnb: only from min_8bit_size elements on)."""
+    return optim == "adamw8bit" and numel >= MIN_8BIT_SIZE
+
+
+def state_bytes(optim: str, numel: int) -> tuple:
+    """(pageable, device-only) bytes of one parameter's two optimizer states: m and v (float32), or their uint8
+    codes (pageable) plus one float32 absmax per block of 256 each (kept on the device, as bnb does)."""
+    if is_8bit(optim, numel):
+        return 2 * numel, 2 * 4 * n_blocks(numel)
+    return 2 * 4 * numel, 0
 
 
 # ------------------------------------------------------------------------------------------------------ scenarios
@@ -73,7 +106,7 @@ class Scenario:
     budget_bytes: int
     page_size: int
     activation_fn: object         # (seq_len, batch_size, gradient_checkpointing) -> bytes
-    real: bool                    # run real arrays through the real PagedAdamW
+    real: bool                    # run real arrays through the real paged optimizer
     source: str
 
     @property
@@ -156,12 +189,13 @@ def _longest_fitting(free, act, batch, gc):
     return lo
 
 
-def room(scn: Scenario, budget: int, threshold: int = 100_000) -> dict:
+def room(scn: Scenario, budget: int, threshold: int = 100_000, optim: str = "adamw") -> dict:
     """Bytes at rest and the room left for activations with the states resident vs evicted."""
     adapters = sum(scn.numels) * scn.adapter_itemsize
     grads = sum(scn.numels) * scn.grad_itemsize
-    states = sum(2 * 4 * n for n in scn.numels)                   # fp32 m and v
-    small = sum(2 * 4 * n for n in scn.numels if n < threshold)
+    parts = [(n, *state_bytes(optim, n)) for n in scn.numels]       # (numel, pageable, device-only)
+    states = sum(a + d for _, a, d in parts)
+    small = sum(d + (a if n < threshold else 0) for n, a, d in parts)   # what paging cannot move
     fixed = scn.weights_bytes + adapters + grads
     return {"weights": scn.weights_bytes, "adapters": adapters, "gradients": grads, "states": states,
             "unpaged_states": small, "free_resident": budget - fixed - states, "free_evicted": budget - fixed - small}
@@ -169,21 +203,27 @@ def room(scn: Scenario, budget: int, threshold: int = 100_000) -> dict:
 
 # -------------------------------------------------------------------------------------------------------- replay
 class StateOnlyAdamW:
-    """The bookkeeping twin of PagedAdamW for models whose states we cannot hold: same lazy allocation, same ≥1e5
-    rule, same page loop (pool.iter_pages), no arithmetic."""
+    """The bookkeeping twin of PagedAdamW / PagedAdamW8bit for models whose states we cannot hold: same lazy
+    allocation, same ≥1e5 paging rule, same page loop (pool.iter_pages), no arithmetic. With optim="adamw8bit" the
+    states of parameters ≥ min_8bit_size are uint8 codes (paged like the float32 ones) plus absmax1/absmax2 of one
+    float32 per block of 256, allocated on the device after them, as PagedAdamW8bit does."""
 
-    def __init__(self, pool: PagedPool, numels):
-        self.pool, self.numels, self.state = pool, list(numels), {}
+    def __init__(self, pool: PagedPool, numels, optim: str = "adamw"):
+        self.pool, self.numels, self.optim, self.state = pool, list(numels), check_optim(optim), {}
 
     def step(self):
         for i, n in enumerate(self.numels):
             if i not in self.state:
+                eight = is_8bit(self.optim, n)
+                dtype, names = ("uint8", ("state1", "state2")) if eight else ("float32", ("exp_avg", "exp_avg_sq"))
+                itemsize = 1 if eight else 4
                 if self.pool.is_paged(n):
-                    self.state[i] = [self.pool.paged_zeros(f"{i}.{b}", n, "float32", data=False)
-                                     for b in ("exp_avg", "exp_avg_sq")]
+                    self.state[i] = [self.pool.paged_zeros(f"{i}.{b}", n, dtype, data=False) for b in names]
                 else:
-                    self.state[i] = [self.pool.allocate(f"{i}.{b}", 4 * n, "optimizer_state")
-                                     for b in ("exp_avg", "exp_avg_sq")]
+                    self.state[i] = [self.pool.allocate(f"{i}.{b}", itemsize * n, "optimizer_state") for b in names]
+                if eight:
+                    for b in ("absmax1", "absmax2"):
+                        self.pool.allocate(f"{i}.{b}", 4 * n_blocks(n), "optimizer_state")
             m, v = self.state[i]
             if isinstance(m, PagedTensor):
                 for _ in self.pool.iter_pages(m, v):
@@ -201,14 +241,17 @@ def _check_budget(scn: Scenario, budget: int):
 
 
 def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, prefetch: bool = True,
-           gradient_checkpointing: bool = True, seed: int = 0, pcie_gen: int = 3, pcie_lanes: int = 16) -> dict:
+           gradient_checkpointing: bool = True, seed: int = 0, pcie_gen: int = 3, pcie_lanes: int = 16,
+           optim: str = "adamw") -> dict:
     """Run the trace once on a fresh pool. Returns totals, per-step paging cost and the memory timeline; an
     OutOfMemoryError is recorded (oom_step, oom_phase: "setup", "forward" or "optimizer step", error), not raised: a
-    real run would stop there, and so does this one."""
+    real run would stop there, and so does this one. For a real scenario, `bit_identical_to_adamw` says whether the
+    paged optimizer's parameters (and, 8-bit, its state bytes) equal its unpaged twin's (AdamW or AdamW8bit)."""
     trace = check_trace(trace)
     _check_budget(scn, budget)
+    paged_cls, plain_cls, _ = OPTIMIZERS[check_optim(optim)]
     pool = PagedPool(budget, page_size, paging=paging, prefetch=prefetch, pcie_gen=pcie_gen, pcie_lanes=pcie_lanes)
-    out = {"paging": paging, "prefetch": prefetch, "completed": False, "oom_step": None, "error": None,
+    out = {"optim": optim, "paging": paging, "prefetch": prefetch, "completed": False, "oom_step": None, "error": None,
            "steps_run": 0, "budget_bytes": budget}
     timeline, per_step = [], []
     last = [pool.stats.copy()]
@@ -223,7 +266,7 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
     params = ref = None
     phase = "setup"                                                   # where an OutOfMemoryError happened
     try:
-        r = room(scn, budget, pool.paged_threshold)
+        r = room(scn, budget, pool.paged_threshold, optim)
         pool.allocate("base_weights", scn.weights_bytes, "weights")
         pool.allocate("lora_weights", r["adapters"], "weights")
         pool.allocate("lora_grads", r["gradients"], "gradients")
@@ -232,9 +275,9 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
             params = [Parameter(rng.standard_normal(s, dtype=xp.float32) * xp.float32(0.02))
                       for s in scn.adapter_shapes]
             ref = [Parameter(p.data.copy()) for p in params]          # plain AdamW twin, for the bit-identity check
-            opt, ref_opt = PagedAdamW(params, pool=pool), AdamW(ref)
+            opt, ref_opt = paged_cls(params, pool=pool), plain_cls(ref)
         else:
-            opt = StateOnlyAdamW(pool, scn.numels)
+            opt = StateOnlyAdamW(pool, scn.numels, optim)
         for t, seq_len in enumerate(trace, start=1):
             pool.step, phase = t, "forward"
             before = pool.stats.copy()
@@ -273,14 +316,21 @@ def replay(scn: Scenario, trace, budget: int, paging: bool, page_size: int, pref
         from minilora.backend import get_array_module
         xp = get_array_module(params[0].data)
         same = [bool(xp.array_equal(p.data, q.data)) for p, q in zip(params, ref, strict=True)]
+        if optim == "adamw8bit":                                    # every state byte too: codes and absmax
+            for name, st in opt.state.items():
+                for key in ("state1", "state2", "absmax1", "absmax2"):
+                    if key in st:
+                        mine = pool.gather(st[key]) if isinstance(st[key], PagedTensor) else st[key].reshape(-1)
+                        same.append(bool(xp.array_equal(mine, ref_opt.state[name][key].reshape(-1))))
         out["bit_identical_to_adamw"] = all(same)
     return out
 
 
 def run_scenario(model: str = "7b", budget_gb=None, page_size=None, prefetch: bool = True,
                  gradient_checkpointing: bool = True, seed: int = 0, steps: int = 40, seq_len=None, spike_len=None,
-                 batch_size=None, trace=None, pcie_gen: int = 3, pcie_lanes: int = 16) -> dict:
+                 batch_size=None, trace=None, pcie_gen: int = 3, pcie_lanes: int = 16, optim: str = "adamw") -> dict:
     """Build the scenario and trace, replay it without and with paging. Returns {"scenario", "unpaged", "paged"}."""
+    check_optim(optim)
     scn = get_scenario(model)
     if batch_size is not None:
         if batch_size < 1:
@@ -292,8 +342,11 @@ def run_scenario(model: str = "7b", budget_gb=None, page_size=None, prefetch: bo
         raise ValueError(f"page size must be a positive int number of bytes, got {page_size!r}")
     if page_size % 4:
         raise ValueError(f"page size {page_size} B is not a multiple of the element size (4 B, float32 states)")
+    if optim == "adamw8bit" and page_size % BLOCKSIZE:
+        raise ValueError(f"page size {page_size} B is not a multiple of {BLOCKSIZE}: a block of {BLOCKSIZE} 8-bit "
+                         f"codes would straddle two pages")
     _check_budget(scn, budget)
-    r = room(scn, budget)
+    r = room(scn, budget, optim=optim)
     gc, b, act = gradient_checkpointing, scn.batch_size, scn.activation_fn
     c_res = _longest_fitting(max(r["free_resident"], 0), act, b, gc)
     c_evi = _longest_fitting(max(r["free_evicted"], 0), act, b, gc)
@@ -303,8 +356,10 @@ def run_scenario(model: str = "7b", budget_gb=None, page_size=None, prefetch: bo
         trace = make_trace(steps, typical, spike, seed)
     trace = check_trace(trace)
     kw = dict(page_size=page_size, prefetch=prefetch, gradient_checkpointing=gc, seed=seed, pcie_gen=pcie_gen,
-              pcie_lanes=pcie_lanes)
-    scenario = {"model": scn.name, "title": scn.title, "source": scn.source, "budget_bytes": budget,
+              pcie_lanes=pcie_lanes, optim=optim)
+    paged_cls, plain_cls, bnb_name = OPTIMIZERS[optim]
+    scenario = {"model": scn.name, "title": scn.title, "source": scn.source, "budget_bytes": budget, "optim": optim,
+                "optimizer": paged_cls.__name__, "unpaged_optimizer": plain_cls.__name__, "bnb_name": bnb_name,
                 "page_size": page_size, "prefetch": prefetch, "gradient_checkpointing": gc, "batch_size": b,
                 "seed": seed, "steps": len(trace), "trace": trace, "pcie_gen": pcie_gen, "pcie_lanes": pcie_lanes,
                 "longest_seq_states_resident": c_res, "longest_seq_states_evicted": c_evi,
@@ -334,10 +389,13 @@ def summary(result: dict) -> str:
     bw = pcie_bandwidth(s["pcie_gen"], s["pcie_lanes"]) * 0.5
     spikes = sorted({n for n in s["trace"] if n > s["longest_seq_states_resident"]})
     at = [i + 1 for i, n in enumerate(s["trace"]) if n in spikes]
+    eight = s["optim"] == "adamw8bit"
+    states = "AdamW 8-bit m+v (codes + absmax)" if eight else "AdamW m+v"
     lines = [f"paged-sim: {s['title']} on a {fmt_bytes(s['budget_bytes'])} device, micro-batch {s['batch_size']}, "
              f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+             f"  optimizer: {s['optimizer']} ({s['bnb_name']}), unpaged baseline {s['unpaged_optimizer']}",
              f"  at rest: weights {fmt_bytes(s['weights_bytes'])}, adapters {fmt_bytes(s['adapters_bytes'])}, "
-             f"gradients {fmt_bytes(s['gradients_bytes'])}, AdamW m+v {fmt_bytes(s['states_bytes'])} "
+             f"gradients {fmt_bytes(s['gradients_bytes'])}, {states} {fmt_bytes(s['states_bytes'])} "
              f"({p['paged_tensors']} of {p['state_tensors']} state tensors paged, {s['page_size']:,} B pages)",
              f"  numbers from {s['source']}",
              f"  trace: {s['steps']} steps, longest sequence that fits: {s['longest_seq_states_resident']} tokens "
@@ -349,7 +407,7 @@ def summary(result: dict) -> str:
     else:
         lines.append(f"without paging: {_oom_text(u)}")
     state = f"completed {p['steps_run']}/{s['steps']} steps" if p["completed"] else _oom_text(p)
-    lines += [f"with paging (PagedAdamW, prefetch {'on' if s['prefetch'] else 'off'}): {state}, "
+    lines += [f"with paging ({s['optimizer']}, prefetch {'on' if s['prefetch'] else 'off'}): {state}, "
               f"peak {fmt_bytes(p['peak_device_bytes'])} of {fmt_bytes(s['budget_bytes'])}",
               f"  evicted {fmt_bytes(p['bytes_evicted'])} ({p['evictions']} pages), prefetched "
               f"{fmt_bytes(p['bytes_prefetched'])} ({p['prefetches']} pages), faulted {fmt_bytes(p['bytes_faulted'])} "
@@ -361,7 +419,8 @@ def summary(result: dict) -> str:
                      f"back in {fmt_bytes(d['bytes_prefetched'] + d['bytes_faulted'])}, {d['transfer_seconds']:.3f} s")
     lines.append(f"  the other {len(p['per_step']) - len(paged_steps)} steps moved 0 bytes: paging only under pressure")
     if "bit_identical_to_adamw" in p:
-        lines.append(f"  parameters bit-identical to plain AdamW: {p['bit_identical_to_adamw']}")
+        what = "parameters and state bytes" if eight else "parameters"
+        lines.append(f"  {what} bit-identical to plain {s['unpaged_optimizer']}: {p['bit_identical_to_adamw']}")
     return "\n".join(lines)
 
 
@@ -440,6 +499,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="minilora paged-sim", description="Replay a training trace with a "
                                  "long-sequence spike, without paging (AdamW) and with paged AdamW (bitsandbytes).")
     ap.add_argument("--model", choices=("7b", "65b", "tiny"), default="7b")
+    ap.add_argument("--optim", choices=tuple(OPTIMIZERS), default="adamw",
+                    help="adamw: paged_adamw_32bit (float32 m, v); adamw8bit: paged_adamw_8bit (8-bit codes + absmax)")
     ap.add_argument("--budget-gb", type=float, default=None, help="GB = 1e9 B (default 24 / 48 / 0.012)")
     ap.add_argument("--page-size", type=int, default=None, help="bytes per page (default 2 MiB; 64 KiB for tiny)")
     ap.add_argument("--no-prefetch", action="store_true", help="fault pages in one by one instead of prefetching")
@@ -464,7 +525,7 @@ def main(argv=None) -> int:
     try:
         result = run_scenario(a.model, a.budget_gb, a.page_size, not a.no_prefetch, a.gradient_checkpointing, a.seed,
                               a.steps, a.seq_len, a.spike_len, a.batch_size, pcie_gen=a.pcie_gen,
-                              pcie_lanes=a.pcie_lanes)
+                              pcie_lanes=a.pcie_lanes, optim=a.optim)
     except ValueError as e:
         print(f"minilora paged-sim: error: {e}", file=sys.stderr)
         return 2
