@@ -57,16 +57,16 @@ def _loss_figure(rows: dict):
     ref = "lora_all" if "lora_all" in rows else None
     diffs = {k: r for k, r in rows.items() if ref and k.startswith("qlora")}
     if diffs:
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6.4), sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 6.4), sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
     else:
-        fig, ax = plt.subplots(figsize=(9, 4.6))
+        fig, ax = plt.subplots(figsize=(12, 4.6))
     colors = {k: COLORS.get(k, f"C{i}") for i, k in enumerate(rows)}
     labels = {k: r["label"] for k, r in rows.items()}
     styles = {k: i for i, k in enumerate(rows)}                      # a method looks the same in both panels
     loss_curves({k: r["train_loss_bits"] for k, r in rows.items()}, ax=ax, ema=0.9, colors=colors, labels=labels,
                 styles=styles, title="fine-tuning on stdlib code: training loss (EMA 0.9)", xlabel="",
                 ylabel="bits / byte")
-    ax.legend(fontsize=9, ncol=2)
+    ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # outside: no curve hidden
     if diffs:
         base = smooth_ema(rows[ref]["train_loss_bits"], 0.9)
         gaps = {k: [a - b for a, b in zip(smooth_ema(r["train_loss_bits"], 0.9), base, strict=False)]
@@ -74,7 +74,7 @@ def _loss_figure(rows: dict):
         loss_curves(gaps, ax=ax2, colors=colors, labels=labels, styles=styles,
                     title=f"QLoRA minus {rows[ref]['label']} (same curves, EMA 0.9)", ylabel="Δ bits / byte")
         ax2.axhline(0, color=COLORS.get(ref, "k"), lw=1.2)
-        ax2.legend(fontsize=8, ncol=3)
+        ax2.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -160,8 +160,9 @@ def rank_sweep_figure(result: dict, out) -> list:
         ax.annotate(f"{b:.3f}", (r, b), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(rs, [str(r) for r in rs])
+    ax.margins(y=0.15)
     ax.set(title="LoRA all-linear: final loss vs rank (lora_alpha = 16)", xlabel="rank r",
-           ylabel="stdlib code val bits / byte")
+           ylabel="stdlib code val bits / byte (zoomed)")
     fig.tight_layout()
     return [save_png(fig, Path(out) / "demo_rank_sweep.png")]
 
