@@ -162,10 +162,19 @@ class AdamW8bit(Optimizer):
             shape = p.data.shape
             return {"step": 0, "state1": xp.zeros(shape, xp.float32), "state2": xp.zeros(shape, xp.float32)}
         nb = n_blocks(p.data.size)
+        qmap1, qmap2 = self._qmaps(xp)
         return {"step": 0,
                 "state1": xp.zeros(p.data.shape, xp.uint8), "state2": xp.zeros(p.data.shape, xp.uint8),
                 "absmax1": xp.zeros(nb, xp.float32), "absmax2": xp.zeros(nb, xp.float32),       # (n_blocks,)
-                "qmap1": create_dynamic_map(signed=True, xp=xp), "qmap2": create_dynamic_map(signed=False, xp=xp)}
+                "qmap1": qmap1, "qmap2": qmap2}
+
+    def _qmaps(self, xp) -> tuple:
+        """The signed and unsigned dynamic maps, one pair per optimizer shared by every parameter's state (bnb's
+        `name2qmap`), so that a memory count sees 2 KiB once, not once per parameter."""
+        pair = getattr(self, "_qmap_pair", None)
+        if pair is None or get_array_module(pair[0]) is not xp:
+            pair = self._qmap_pair = (create_dynamic_map(signed=True, xp=xp), create_dynamic_map(signed=False, xp=xp))
+        return pair
 
     def update(self, p, g, state):
         b1, b2 = self.betas
