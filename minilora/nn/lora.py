@@ -23,6 +23,11 @@ backward then needs no (D_out, D_in) gradient at all, only the thin LoRA matmuls
 n constant, dm = Σ_rows dy ⊙ x (W0 + s·B A)ᵀ / n and the LoRA branch sees dy ⊙ m/n (`functional.dora_forward` /
 `dora_backward`). PEFT's names: `lora_magnitude_vector.<adapter>.weight` (m), a ModuleDict of `DoraLinearLayer`.
 
+init_lora_weights="pissa" (arXiv 2404.02948) / "olora" (arXiv 2406.01775) start A, B on W0's top-r singular
+directions / first r QR directions and replace W0 by the residual W0 − s·B A, so the model is unchanged at step 0
+(`pissa_factors`, `olora_factors`, PEFT's `pissa_init` / `olora_init`). PiSSA needs a float base (TypeError on a
+4-bit one, as PEFT); OLoRA on a 4-bit base dequantizes, factors and re-quantizes the residual, as PEFT.
+
 As in PEFT, `lora_A` and `lora_B` are ModuleDicts of bias-free Linear layers, one per adapter name:
 
     layer.lora_A["default"].weight      A (r, D_in)        PEFT: nn.Linear(in_features, r, bias=False)
@@ -66,7 +71,7 @@ def check_adapter_name(name) -> str:
     return name
 
 
-INIT_LORA_WEIGHTS = (True, False, "gaussian")
+INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
 
 
 def check_lora_args(r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, max_r=None) -> None:
@@ -83,10 +88,44 @@ def check_lora_args(r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, max
                          "(the scaling lora_alpha/r would zero or flip the adapter)")
     if not (number(lora_dropout) and 0.0 <= lora_dropout < 1.0):
         raise ValueError(f"`lora_dropout` should be a probability in [0, 1) but the value passed is {lora_dropout!r}")
-    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
+    if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa_niter_"):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r}: PEFT's fast PiSSA draws its random projection "
+                         "from torch's generator (torch.svd_lowrank), so it cannot be reproduced here; use 'pissa' "
+                         "(the exact SVD)")
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights in INIT_LORA_WEIGHTS[2:]):
         raise ValueError(f"init_lora_weights={init_lora_weights!r} is not implemented in minilora; choose one of "
-                         f"{INIT_LORA_WEIGHTS} (PiSSA/OLoRA/LoftQ/EVA also rewrite the base weights, so such an "
-                         "adapter needs its modified base model)")
+                         f"{INIT_LORA_WEIGHTS} (LoftQ/EVA/CorDA also rewrite or read more than the base weight)")
+
+
+def pissa_factors(W0, r, scaling):
+    """PiSSA (arXiv 2404.02948): the top-r singular triplets of W0 become the adapter, the rest stays frozen.
+
+        W0 = U S Vᵀ,   A = √(S_r / s) V_rᵀ (r, D_in),   B = U_r √(S_r / s) (D_out, r),   W_res = W0 − s·B A
+
+    so W_res + s·B A = W0 at step 0 and the trainable part is W0's principal subspace. S_r is divided by s so that
+    s·B A = U_r S_r V_rᵀ whatever lora_alpha is (PEFT's `pissa_init`: Sr /= scaling, then √Sr on each side).
+    W0 (D_out, D_in) float -> (A, B, W_res), computed in float32 (float64 for a float64 W0) as PEFT."""
+    xp = get_array_module(W0)
+    W = W0.astype(xp.float64 if W0.dtype == xp.float64 else xp.float32)   # (D_out, D_in)
+    U, S, Vh = xp.linalg.svd(W, full_matrices=False)                   # (D_out, k), (k,), (k, D_in)
+    root = xp.sqrt(S[:r] / scaling)                                     # (r,)  √(S_r / s)
+    A = root[:, None] * Vh[:r]                                          # (r, D_in)
+    B = U[:, :r] * root[None, :]                                        # (D_out, r)
+    return A, B, W - scaling * (B @ A)                                  # W_res (D_out, D_in)
+
+
+def olora_factors(W0, r, scaling):
+    """OLoRA (arXiv 2406.01775): the adapter starts on W0's first r orthonormal directions from a QR decomposition.
+
+        W0 = Q R,   B = Q[:, :r] (D_out, r),   A = R[:r] (r, D_in),   W_res = W0 − s·B A
+
+    (PEFT's `olora_init`, no division by s: the residual absorbs it.) W0 (D_out, D_in) -> (A, B, W_res), in float32
+    (float64 for a float64 W0)."""
+    xp = get_array_module(W0)
+    W = W0.astype(xp.float64 if W0.dtype == xp.float64 else xp.float32)   # (D_out, D_in)
+    Q, R = xp.linalg.qr(W)                                              # (D_out, k), (k, D_in)
+    A, B = R[:r].copy(), Q[:, :r].copy()                                # (r, D_in), (D_out, r)
+    return A, B, W - scaling * (B @ A)                                  # W_res (D_out, D_in)
 
 
 class DoraLinearLayer(Module):
@@ -164,21 +203,31 @@ class LoRALinear(Module):
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer; delete_adapter it first")
         check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, max_r=min(self.in_features, self.out_features))
         d_in, d_out, dt, rng = self.in_features, self.out_features, self.weight_dtype, self._rng
-        if init_lora_weights == "gaussian":
-            A = rng.standard_normal((r, d_in)) * (1.0 / r)                      # (r, D_in)  N(0, σ = 1/r)
+        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        if init_lora_weights == "pissa" and isinstance(self.base_layer, Linear4bit):
+            raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
+                            "the residual model to help minimize quantization errors. (PEFT's message: PiSSA needs "
+                            "the float base weight; run it before quantize_model.)")
+        if init_lora_weights in ("pissa", "olora"):   # the base weight becomes the residual W0 − s·B A (PEFT)
+            factors = pissa_factors if init_lora_weights == "pissa" else olora_factors
+            A, B, W_res = factors(self._base_weight(), r, scaling)                 # (r, D_in), (D_out, r), W0 shape
+            self._set_base_weight(W_res.astype(dt))                             # a 4-bit base (OLoRA) re-quantizes
         else:
-            bound = 1.0 / math.sqrt(d_in)                                       # kaiming_uniform(a=√5), fan_in = D_in
-            A = rng.uniform(-bound, bound, (r, d_in))                           # (r, D_in)
-        if init_lora_weights is False:
-            B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), (d_out, r))   # (D_out, r) not a no-op
-        else:
-            B = get_array_module(A).zeros((d_out, r))                           # (D_out, r)  ΔW = 0 at the start
+            if init_lora_weights == "gaussian":
+                A = rng.standard_normal((r, d_in)) * (1.0 / r)                  # (r, D_in)  N(0, σ = 1/r)
+            else:
+                bound = 1.0 / math.sqrt(d_in)                                   # kaiming_uniform(a=√5), fan_in = D_in
+                A = rng.uniform(-bound, bound, (r, d_in))                       # (r, D_in)
+            if init_lora_weights is False:
+                B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), (d_out, r))   # (D_out, r) not a no-op
+            else:
+                B = get_array_module(A).zeros((d_out, r))                       # (D_out, r)  ΔW = 0 at the start
         self.lora_A[adapter_name] = Linear.from_weight(A.astype(dt))           # PEFT: nn.Linear(D_in, r, bias=False)
         self.lora_B[adapter_name] = Linear.from_weight(B.astype(dt))           # PEFT: nn.Linear(r, D_out, bias=False)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = scaling
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_dora[adapter_name] = use_dora
         if use_dora:                                        # m₀ = n₀, so W' = W0 + s·B A at the start (PEFT)
