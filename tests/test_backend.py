@@ -21,6 +21,7 @@ HOST_ONLY = {
     "apps/figures.py", # matplotlib plots host arrays
     "plotting.py",     # matplotlib plots host arrays: every input comes over with to_numpy first
     "data.py",         # text -> token ids happens on the host before the arrays move to the device
+    "hf.py",           # transformers/PEFT files are host memory: tensors come over with to_numpy first
 }
 
 
