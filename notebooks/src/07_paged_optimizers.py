@@ -41,6 +41,7 @@ from IPython.display import Image, display
 
 import minilora
 from minilora.apps import paged_sim
+from minilora.backend import asarray, to_numpy
 from minilora.nn.parameter import Parameter
 from minilora.optim.adamw import AdamW
 from minilora.optim.paged import PagedAdamW
@@ -117,24 +118,26 @@ except OutOfMemoryError as e:
 #
 # AdamW's update is elementwise, so running it page by page on slices gives the same bits as running it on whole
 # arrays. We train the same parameters with `AdamW` and with `PagedAdamW` on a pool so small that every step evicts
-# the states, and compare the bytes after 20 steps.
+# the states, and compare the bytes after 20 steps. The values are drawn on the host and moved with `asarray` to the
+# backend the pool lives on (a copy on CuPy and on `numpy-strict`, none on NumPy, hence the `.copy()`: the two
+# optimizers must not share one array); `to_numpy` brings them back for the comparison.
 
 # %%
 rng = np.random.default_rng(0)
 init = [rng.standard_normal((256, 512)).astype(np.float32) for _ in range(3)]      # 3 x 131,072 values: paged
 grads = [[rng.standard_normal(w.shape).astype(np.float32) for w in init] for _ in range(20)]
-p_ref = [Parameter(w.copy()) for w in init]
-p_pag = [Parameter(w.copy()) for w in init]
+p_ref = [Parameter(asarray(w.copy())) for w in init]
+p_pag = [Parameter(asarray(w.copy())) for w in init]
 opt_ref = AdamW(p_ref, lr=1e-2)
 tight = PagedPool(budget_bytes=4 * 2**20, page_size=64 * 1024)
 opt_pag = PagedAdamW(p_pag, lr=1e-2, pool=tight)
 for g_step in grads:
     for p, q, g in zip(p_ref, p_pag, g_step, strict=True):
-        p.grad, q.grad = g.copy(), g.copy()
+        p.grad, q.grad = asarray(g.copy()), asarray(g.copy())
     opt_ref.step()
     opt_pag.step()
     tight.evict_all()                                                 # a spike between every two steps
-same = all(np.array_equal(p.data, q.data) for p, q in zip(p_ref, p_pag, strict=True))
+same = all(np.array_equal(to_numpy(p.data), to_numpy(q.data)) for p, q in zip(p_ref, p_pag, strict=True))
 print(f"after 20 steps: parameters bit-identical: {same}; states moved {tight.stats.bytes_evicted / 2**20:.1f} MiB out "
       f"and {tight.stats.bytes_prefetched / 2**20:.1f} MiB back")
 assert same

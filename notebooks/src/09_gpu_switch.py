@@ -2,10 +2,13 @@
 # # 09 · Appendix: the GPU switch — the same code on NumPy and CuPy
 #
 # > **Read this first.** This appendix has **never run on a GPU in this project's continuous integration**: the
-# > machines that build and test the course have no GPU. The outputs stored with it come from a CPU-only machine
-# > (NumPy; the first cell prints the versions, the next one why CuPy was not used), so every comparison below says
-# > "(no GPU)". The code is the same that runs on a GPU. To run the comparison on a machine with a CUDA GPU, one
-# > command installs CuPy and re-executes this notebook in place, storing the GPU outputs:
+# > machines that build and test the course have no GPU. Where no GPU is usable, the second code cell prints the
+# > reason, and every experiment runs on NumPy **and on `numpy-strict`**, minilora's third backend: NumPy memory that
+# > refuses every host/device mix CuPy refuses. The stored outputs come from such a CPU-only machine, so the
+# > comparison column below is headed `numpy-strict`. Agreement there proves that the code keeps its data on the
+# > device; it does **not** measure GPU speed or CuPy's numerics (cuBLAS, reduction order), which only a GPU shows.
+# > To run the NumPy-versus-CuPy comparison on a machine with a CUDA GPU, one command installs CuPy and re-executes
+# > this notebook in place, storing the GPU outputs:
 # >
 # > ```bash
 # > pip install -e ".[gpu,notebooks]" && python notebooks/build_notebooks.py 09
@@ -16,6 +19,7 @@
 #
 # **After this appendix you can**
 # - switch minilora between NumPy and CuPy three ways, and say what happens when CuPy cannot run;
+# - use the `numpy-strict` backend to prove code GPU-ready without a GPU, and say what it cannot prove;
 # - explain why quantized bytes must be identical across backends while floats only agree to rounding;
 # - time GPU code correctly (warm-up, synchronize before reading the clock).
 #
@@ -29,7 +33,8 @@
 #
 # This notebook runs the same experiments on NumPy and, when a CUDA GPU with CuPy is present, on CuPy, and compares
 # them: quantized **bytes** must be identical, floats must agree to rounding, and the GPU should be faster. Without a
-# GPU (as in CI) it runs everything on NumPy and says so.
+# GPU (as in CI) it runs everything on NumPy and on `numpy-strict`, says so, and checks that the strict run gives the
+# same bytes and the same floats bit for bit (it runs NumPy's own kernels, so anything less would be a bug).
 
 # %%
 # %matplotlib inline
@@ -60,8 +65,11 @@ try:
     print(f"CuPy {cp.__version__} on {GPU}: every experiment runs on NumPy and on CuPy")
 except BackendUnavailableError as e:
     GPU = None
-    BACKENDS = ["numpy"]
-    print("No usable GPU, so every experiment runs on NumPy only. The reason:\n ", e)
+    BACKENDS = ["numpy", "numpy-strict"]
+    print(f"No usable GPU. The reason:\n  {e}\n"
+          "So every experiment runs on NumPy and on numpy-strict (NumPy memory that refuses host/device mixes as CuPy\n"
+          "does). This proves the code keeps its data on the device, not GPU speed or CuPy's numerics.")
+OTHER = BACKENDS[1]                                  # the column compared with NumPy: "cupy" or "numpy-strict"
 
 # %% [markdown]
 # Three equivalent ways to switch, in order of precedence:
@@ -72,6 +80,24 @@ except BackendUnavailableError as e:
 # MINILORA_BACKEND=cupy python train.py      # the environment, read at import time
 # ```
 #
+# What the strict backend refuses is what CuPy refuses: a host NumPy array meeting a device array in one operation.
+# NumPy would silently compute; CuPy raises `TypeError`, and so does `numpy-strict`. `xp.asarray(host)` is the way
+# in, `to_numpy(x)` the way out:
+
+# %%
+with use_backend("numpy-strict") as xp:
+    dev = xp.ones(3, dtype=xp.float32)                                                # "device" memory
+    try:
+        dev + np.ones(3, dtype=np.float32)                                            # host + device: refused
+        refused = None
+    except TypeError as e:
+        refused = str(e)
+    back = to_numpy(dev + xp.asarray(np.ones(3, dtype=np.float32)))                   # in, compute, out
+print(f"{type(dev).__name__} + numpy.ndarray -> TypeError: {refused[:78]}...")
+print(f"xp.asarray in, to_numpy out: {back} ({type(back).__module__}.{type(back).__name__})")
+assert refused is not None and type(back) is np.ndarray
+
+# %% [markdown]
 # Each experiment below is one function of the backend name, run under `use_backend(name)`; results come back to the
 # host with `to_numpy` for comparison. Timings synchronize the GPU first (CuPy launches kernels asynchronously).
 
@@ -99,8 +125,8 @@ def timed(fn, xp, repeat=3):
 #
 # The input is created once on the host (the golden numbers' $1024\times1024$ matrix) and copied to the backend with
 # `xp.asarray`. `quantize_4bit` runs where its input lives. The packed bytes and absmax are exact integers/floats
-# computed by the same operations, so NumPy and CuPy must produce **identical bytes**, and the mean error must be
-# bitsandbytes' 0.072813.
+# computed by the same operations, so NumPy and CuPy must produce **identical bytes**, and the mean error with double
+# quantization must be bitsandbytes' 0.072884 (0.072813 without it, notebook 04).
 
 # %%
 from minilora.quant import dequantize_4bit, quantize_4bit
@@ -122,25 +148,31 @@ def experiment_quant(name):
 
 quant = {name: experiment_quant(name) for name in BACKENDS}
 for name, r in quant.items():
-    print(f"{name:<6} {r['array_type']:<18} NF4+DQ mean |err| {r['err']:.6f} (ref 0.072884) | quantize "
+    print(f"{name:<12} {r['array_type']:<28} NF4+DQ mean |err| {r['err']:.6f} (ref 0.072884) | quantize "
           f"{r['t_quant'] * 1e3:6.1f} ms | dequantize {r['t_dequant'] * 1e3:6.1f} ms | {r['nbytes']:,} bytes")
+    assert abs(r["err"] - 0.072884) < 1e-6
 
 # %% [markdown]
 # The bytes comparison: on a GPU machine this is the real test of the switch (the same check runs in minilora's test
-# suite for every quantizer, parametrized over the backends).
+# suite for every quantizer, parametrized over the backends). On `numpy-strict` it checks that the quantizer's
+# CuPy-side code paths (the strict module is not called `numpy`, so minilora's NumPy-only fast paths are skipped)
+# give the same bytes without one host/device mix.
 
 # %%
-if "cupy" in quant:
-    same = (np.array_equal(quant["numpy"]["packed"], quant["cupy"]["packed"])
-            and np.array_equal(quant["numpy"]["absmax_codes"], quant["cupy"]["absmax_codes"]))
-    print(f"packed NF4 bytes NumPy vs CuPy identical: {same} "
-          f"({quant['numpy']['nbytes']:,} vs {quant['cupy']['nbytes']:,} bytes)")
+same = (np.array_equal(quant["numpy"]["packed"], quant[OTHER]["packed"])
+        and np.array_equal(quant["numpy"]["absmax_codes"], quant[OTHER]["absmax_codes"]))
+print(f"packed NF4 bytes NumPy vs {OTHER} identical: {same} "
+      f"({quant['numpy']['nbytes']:,} vs {quant[OTHER]['nbytes']:,} bytes)")
+print(f"first 8 packed bytes {quant['numpy']['packed'].ravel()[:8].tobytes().hex(' ')}, "
+      f"{quant['numpy']['nbytes']:,} bytes in total = {8 * quant['numpy']['nbytes'] / x_host.size:.4f} bits/param")
+assert same and quant["numpy"]["nbytes"] == quant[OTHER]["nbytes"] == 540_932
+if OTHER == "cupy":
     print(f"quantize speed-up on the GPU: {quant['numpy']['t_quant'] / quant['cupy']['t_quant']:.1f}x, "
           f"dequantize: {quant['numpy']['t_dequant'] / quant['cupy']['t_dequant']:.1f}x")
 else:
-    print("no GPU: NumPy only, nothing to compare the bytes with. The NumPy bytes are bitsandbytes' bytes:")
-    print(f"first 8 packed bytes {quant['numpy']['packed'].ravel()[:8].tobytes().hex(' ')}, "
-          f"{quant['numpy']['nbytes']:,} bytes in total = {8 * quant['numpy']['nbytes'] / x_host.size:.4f} bits/param")
+    assert quant["numpy"]["err"] == quant[OTHER]["err"]
+    print(f"mean |err| NumPy vs numpy-strict equal: {quant['numpy']['err'] == quant[OTHER]['err']} "
+          "(no GPU: no speed-up to measure)")
 
 # %% [markdown]
 # ## 3. Experiment B: a LoRA layer's forward and backward
@@ -183,12 +215,14 @@ def experiment_lora(name):
 
 lora = {name: experiment_lora(name) for name in BACKENDS}
 for name, r in lora.items():
-    print(f"{name:<6} forward+backward of a 256->512 LoRA layer (r=16) on 4096 rows: {r['t'] * 1e3:6.1f} ms, "
+    print(f"{name:<12} forward+backward of a 256->512 LoRA layer (r=16) on 4096 rows: {r['t'] * 1e3:6.1f} ms, "
           f"|y|mean {np.abs(r['y']).mean():.5f}")
-if "cupy" in lora:
-    for k in ["y", "dx", "dA", "dB"]:
-        a, b = lora["numpy"][k], lora["cupy"][k]
-        print(f"  {k:<2}: max relative difference NumPy vs CuPy {np.abs(a - b).max() / np.abs(a).max():.1e}")
+for k in ["y", "dx", "dA", "dB"]:
+    a, b = lora["numpy"][k], lora[OTHER][k]
+    print(f"  {k:<2}: max relative difference NumPy vs {OTHER} {np.abs(a - b).max() / np.abs(a).max():.1e}")
+    if OTHER == "numpy-strict":                       # the same NumPy kernels: bit for bit, not just to rounding
+        assert np.array_equal(a, b), k
+if OTHER == "cupy":
     print(f"  speed-up {lora['numpy']['t'] / lora['cupy']['t']:.1f}x")
 
 # %% [markdown]
@@ -226,32 +260,36 @@ def experiment_gpt(name):
 
 gpt = {name: experiment_gpt(name) for name in BACKENDS}
 for name, r in gpt.items():
-    print(f"{name:<6} loss {r['loss']:.6f} (ln 256 = {np.log(256):.6f} for a uniform guess) "
+    print(f"{name:<12} loss {r['loss']:.6f} (ln 256 = {np.log(256):.6f} for a uniform guess) "
           f"| one step {r['t'] * 1e3:6.1f} ms")
-if "cupy" in gpt:
-    g_n, g_c = gpt["numpy"]["grad"], gpt["cupy"]["grad"]
-    print(f"  |loss NumPy - loss CuPy| = {abs(gpt['numpy']['loss'] - gpt['cupy']['loss']):.1e}; "
-          f"lm_head grad max relative difference {np.abs(g_n - g_c).max() / np.abs(g_n).max():.1e}; "
-          f"speed-up {gpt['numpy']['t'] / gpt['cupy']['t']:.1f}x")
+g_n, g_o = gpt["numpy"]["grad"], gpt[OTHER]["grad"]
+print(f"  |loss NumPy - loss {OTHER}| = {abs(gpt['numpy']['loss'] - gpt[OTHER]['loss']):.1e}; "
+      f"lm_head grad max relative difference {np.abs(g_n - g_o).max() / np.abs(g_n).max():.1e}")
+if OTHER == "cupy":
+    print(f"  speed-up {gpt['numpy']['t'] / gpt['cupy']['t']:.1f}x")
+else:
+    assert gpt["numpy"]["loss"] == gpt[OTHER]["loss"] and np.array_equal(g_n, g_o)
 
 # %% [markdown]
 # ## 5. Summary
 #
-# One table of what ran where. On a GPU machine the last columns show the CuPy time and the ratio; here they say
-# why they are empty.
+# One table of what ran where: NumPy against the second backend, which is CuPy on a GPU machine and `numpy-strict`
+# here. The ratio is NumPy's time over the other's. On `numpy-strict` it measures only the cost of the strict checks
+# (the same NumPy kernels run underneath), never GPU speed; the last column says what agreed.
 
 # %%
-rows = [("NF4 quantize 1M values", quant, "t_quant"), ("NF4 dequantize 1M values", quant, "t_dequant"),
-        ("LoRA layer fwd+bwd", lora, "t"), ("tiny GPT train step", gpt, "t")]
-print(f"{'experiment':<26} {'NumPy':>10} {'CuPy':>10} {'ratio':>7}")
-for label, res, key in rows:
-    t_np = res["numpy"][key] * 1e3
-    if "cupy" in res:
-        t_cp = res["cupy"][key] * 1e3
-        print(f"{label:<26} {t_np:8.1f}ms {t_cp:8.1f}ms {t_np / t_cp:6.1f}x")
-    else:
-        print(f"{label:<26} {t_np:8.1f}ms {'(no GPU)':>10} {'-':>7}")
+rows = [("NF4 quantize 1M values", quant, "t_quant", "bytes identical"),
+        ("NF4 dequantize 1M values", quant, "t_dequant", "bytes identical"),
+        ("LoRA layer fwd+bwd", lora, "t", "bit-identical" if OTHER == "numpy-strict" else "to rounding"),
+        ("tiny GPT train step", gpt, "t", "bit-identical" if OTHER == "numpy-strict" else "to rounding")]
+print(f"{'experiment':<26} {'NumPy':>10} {OTHER:>13} {'ratio':>7}  result")
+for label, res, key, agreed in rows:
+    t_np, t_o = res["numpy"][key] * 1e3, res[OTHER][key] * 1e3
+    print(f"{label:<26} {t_np:8.1f}ms {t_o:11.1f}ms {t_np / t_o:6.2f}x  {agreed}")
 print(f"\nbackend now: {minilora.get_backend()} (use_backend restored it after every experiment)")
+if GPU is None:
+    print("No usable GPU: every experiment ran on NumPy and on numpy-strict. This proves the code keeps its data on\n"
+          "the device; it does not show GPU speed or CuPy's numerics.")
 
 # %% [markdown]
 # ## Recap
@@ -261,7 +299,10 @@ print(f"\nbackend now: {minilora.get_backend()} (use_backend restored it after e
 # - Quantized bytes are the result of the same exact operations, so they must be identical on both backends;
 #   floating-point results agree to rounding, because BLAS and cuBLAS sum in different orders.
 # - GPU timings need a warm-up run and a synchronize before the clock is read.
-# - The stored outputs are CPU-only; the command at the top runs the comparison where a GPU exists.
+# - Without a GPU, the `numpy-strict` backend runs every experiment with CuPy's host/device rules on NumPy's kernels:
+#   identical bytes and bit-identical floats prove the data stays on the device, not GPU speed or CuPy's numerics.
+# - The stored outputs are CPU-only (NumPy and `numpy-strict`); the command at the top runs the comparison where a
+#   GPU exists.
 #
 # ## Exercises
 #
