@@ -59,6 +59,7 @@ def test_adamw_state_bytes(ex, r, targets, bytes_per_value):
 @example(seq_len=512, batch_size=1, d_model=4096, n_head=32, bytes_per_value=2, dropout=True)
 @example(seq_len=128, batch_size=4, d_model=64, n_head=4, bytes_per_value=4, dropout=False)
 def test_activation_bytes_per_block(ex, seq_len, batch_size, d_model, n_head, bytes_per_value, dropout):
+    d_model = max(n_head, d_model - d_model % n_head)          # every head gets d_model / n_head dimensions
     shape = ModelShape("student-check", 1, d_model, n_head, 4 * d_model, 1000)
     expected = activation_bytes(shape, seq_len, batch_size, False, bytes_per_value, dropout)["per_block"]
     check_value("activation_bytes_per_block(seq_len, batch_size, d_model, n_head, bytes_per_value, dropout)",
