@@ -101,12 +101,14 @@ def bnb_4bit_config(quant_type: str, double_quant: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- export
-def to_hf_state_dict(model: GPT, quantize: str | None = None, double_quant: bool = True) -> tuple[dict, dict | None]:
+def to_hf_state_dict(model: GPT, quantize: str | None = None, double_quant: bool = True,
+                     nested_rounding: str = "exact") -> tuple[dict, dict | None]:
     """(tensors as transformers' GPT2LMHeadModel names and lays them out, quantization_config or None).
 
     Float Conv1D weights are transposed to (in, out). With quantize="nf4"/"fp4" the four Conv1D kinds are quantized
-    at blocksize 64 (double quantization as `double_quant`); a model whose layers are already `Linear4bit`
-    (`minilora.peft.quantize_model`) is written with its own codes and statistics, unchanged."""
+    at blocksize 64 (double quantization as `double_quant`, its absmax codes rounded as `nested_rounding`: "exact",
+    "bnb-cpu" or "bnb-cuda", see minilora.quant.fourbit.double_quantize); a model whose layers are already
+    `Linear4bit` (`minilora.peft.quantize_model`) is written with its own codes and statistics, unchanged."""
     _check_exportable(model, quantize)
     cfg = model.config
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
@@ -123,7 +125,8 @@ def to_hf_state_dict(model: GPT, quantize: str | None = None, double_quant: bool
         if path in four_bit or any(key.startswith(p + ".weight.") for p in four_bit):
             out[key] = a                                                   # bnb's layout already: (out, in) state
         elif quantize is not None and is_conv1d_weight(key):
-            packed, qs = quantize_4bit(a, blocksize=64, quant_type=quantize, compress_statistics=bool(double_quant))
+            packed, qs = quantize_4bit(a, blocksize=64, quant_type=quantize, compress_statistics=bool(double_quant),
+                                       nested_rounding=nested_rounding)
             out[key] = packed                                              # ((n+1)//2, 1) uint8
             out.update({f"{key}.{k}": to_numpy(v) for k, v in qs.as_dict(packed=True).items()})
         elif is_conv1d_weight(key):
@@ -205,21 +208,23 @@ def _check_adapter_fits(folder, tensors: dict, model) -> None:
 
 
 def export_hf(model: GPT, out_dir, adapters=(), quantize: str | None = None, double_quant: bool = True,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, nested_rounding: str = "exact") -> Path:
     """Write `model` as a transformers GPT-2 folder (config.json + model.safetensors) and each adapter folder in
     `adapters` (paths, or {name: path}) into a sub-folder named after it; returns the folder.
 
     quantize="nf4" (or "fp4") writes bitsandbytes' pre-quantized 4-bit state (blocksize 64, double quantization
-    unless double_quant=False) with its quantization_config; a model already quantized by `quantize_model` is
-    written with its own 4-bit state. A folder that holds anything is refused unless overwrite=True, which replaces
-    only the files written here. Everything is converted and checked before the first file is written."""
+    unless double_quant=False, its absmax codes rounded as `nested_rounding`; "bnb-cpu" writes the bytes
+    transformers + bitsandbytes produce on CPU) with its quantization_config; a model already quantized by
+    `quantize_model` is written with its own 4-bit state. A folder that holds anything is refused unless
+    overwrite=True, which replaces only the files written here. Everything is converted and checked before the
+    first file is written."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: a file; export_hf writes a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: the folder is not empty; pass overwrite=True (--overwrite) to replace the "
                               "exported files in it, or name a new folder")
-    tensors, quantization = to_hf_state_dict(model, quantize, double_quant)
+    tensors, quantization = to_hf_state_dict(model, quantize, double_quant, nested_rounding)
     named = dict(adapters) if isinstance(adapters, dict) else {Path(a).resolve().name: a for a in adapters}
     if not isinstance(adapters, dict) and len(named) != len(list(adapters)):
         raise ValueError(f"two adapter folders share a name: {[str(a) for a in adapters]}; pass {{name: folder}}")

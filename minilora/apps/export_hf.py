@@ -1,6 +1,6 @@
 """`minilora export-hf` and `minilora import-hf`: the base and its adapters to the transformers + PEFT stack and back.
 
-    minilora export-hf OUT [--adapter DIR ...] [--quantize nf4] [--base DIR] [--overwrite]
+    minilora export-hf OUT [--adapter DIR ...] [--quantize nf4 [--nested-rounding bnb-cpu]] [--base DIR] [--overwrite]
         OUT/config.json + OUT/model.safetensors     GPT2LMHeadModel.from_pretrained(OUT)
         OUT/<adapter folder name>/                  peft.PeftModel.from_pretrained(model, OUT/<name>)
     minilora import-hf FOLDER OUT [--overwrite]
@@ -32,6 +32,7 @@ from minilora.hf import (
 from minilora.io import CorruptFileError, save_json, save_safetensors
 from minilora.nn.linear4bit import Linear4bit
 from minilora.pretrained import BASE_META, BASE_WEIGHTS, load_base
+from minilora.quant.fourbit import NESTED_ROUNDINGS
 
 CONVERSION_ERRORS = (UnsupportedModelError, CorruptFileError, FileNotFoundError, ValueError, TypeError)
 
@@ -51,6 +52,9 @@ def build_export_parser():
                         "written to OUT/<folder name>")
     p.add_argument("--quantize", choices=QUANT_TYPES, default=None,
                    help="write bitsandbytes' pre-quantized 4-bit base (double quantization, blocksize 64)")
+    p.add_argument("--nested-rounding", choices=NESTED_ROUNDINGS, default="exact",
+                   help="with --quantize: how the nested absmax codes are rounded: exact nearest (default), bnb-cpu "
+                        "(bitsandbytes' CPU bytes, byte for byte) or bnb-cuda (bitsandbytes' CUDA search, emulated)")
     p.add_argument("--base", default=None, help="folder with base.safetensors + base.json (default: shipped base)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (replaces the exported files)")
     add_threads_option(p)
@@ -70,7 +74,8 @@ def main(argv=None) -> int:
             p.error(f"--adapter {a}: no {ADAPTER_CONFIG} there; name a folder written by save_pretrained")
     try:
         model, _ = load_base(args.base)
-        export_hf(model, out, adapters=args.adapter, quantize=args.quantize, overwrite=args.overwrite)
+        export_hf(model, out, adapters=args.adapter, quantize=args.quantize, overwrite=args.overwrite,
+                  nested_rounding=args.nested_rounding)
     except CONVERSION_ERRORS as e:
         print(f"minilora export-hf: error: {e}", file=sys.stderr)
         return 2

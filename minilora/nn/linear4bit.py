@@ -51,21 +51,26 @@ class Linear4bit(Module):
 
     @classmethod
     def from_linear(cls, linear: Linear, quant_type: str = "nf4", compress_statistics: bool = True,
-                    blocksize: int = 64) -> Linear4bit:
-        """Quantize a Linear's weight (the bias stays in float, frozen). The Linear is not modified."""
+                    blocksize: int = 64, nested_rounding: str = "exact") -> Linear4bit:
+        """Quantize a Linear's weight (the bias stays in float, frozen). The Linear is not modified.
+
+        nested_rounding: how double quantization rounds the absmax codes ("exact", "bnb-cpu", "bnb-cuda"; see
+        minilora.quant.fourbit.double_quantize). set_weight re-quantizes with the same choice."""
         if not isinstance(linear, Linear):
             raise TypeError(f"Linear4bit.from_linear expects a Linear, got {type(linear).__name__}")
         obj = cls.__new__(cls)
-        obj._init_from(linear, quant_type, compress_statistics, blocksize)
+        obj._init_from(linear, quant_type, compress_statistics, blocksize, nested_rounding)
         return obj
 
-    def _init_from(self, linear, quant_type, compress_statistics, blocksize):
+    def _init_from(self, linear, quant_type, compress_statistics, blocksize, nested_rounding="exact"):
         Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quant_type, self.compress_statistics, self.blocksize = quant_type, compress_statistics, blocksize
+        self.nested_rounding = nested_rounding
         self.compute_dtype = linear.weight.data.dtype          # what Ŵ is computed in (the input model's dtype)
         self.weight = Params4bit(*quantize_4bit(linear.weight.data, blocksize=blocksize, quant_type=quant_type,
-                                                compress_statistics=compress_statistics))   # ((n+1)//2, 1) uint8
+                                                compress_statistics=compress_statistics,
+                                                nested_rounding=nested_rounding))   # ((n+1)//2, 1) uint8
         self.bias = None if linear.bias is None else Parameter(linear.bias.data.copy(), requires_grad=False)
         self._cache = None
 
@@ -89,7 +94,8 @@ class Linear4bit(Module):
         if tuple(W.shape) != (self.out_features, self.in_features):
             raise ValueError(f"set_weight expects shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
         packed, qs = quantize_4bit(W, blocksize=self.blocksize, quant_type=self.quant_type,
-                                   compress_statistics=self.compress_statistics)
+                                   compress_statistics=self.compress_statistics,
+                                   nested_rounding=getattr(self, "nested_rounding", "exact"))
         self.weight.data, self.weight.quant_state = packed, qs
 
     # ---- the two passes -----------------------------------------------------------------------------------

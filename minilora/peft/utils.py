@@ -36,8 +36,11 @@ def _matches(name: str, spec) -> bool:
 
 
 def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
-                   target_modules="all-linear", skip_modules=("lm_head",)):
+                   target_modules="all-linear", skip_modules=("lm_head",), nested_rounding: str = "exact"):
     """Replace the chosen Linear layers of `model` by Linear4bit, in place; returns the model.
+
+    nested_rounding ("exact", "bnb-cpu", "bnb-cuda"): how double quantization rounds the absmax codes
+    (minilora.quant.fourbit.double_quantize). "bnb-cpu" gives the bytes transformers + bitsandbytes produce on CPU.
 
     target_modules: "all-linear" (every Linear not in skip_modules), a list of names (exact or dotted suffix) or a
     regex str (full match). skip_modules follows the list rule; the output layer stays in float by default, as
@@ -65,7 +68,8 @@ def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = T
     for name in chosen:
         lin = model.get_submodule(name)
         model.set_submodule(name, Linear4bit.from_linear(lin, quant_type=quant_type,
-                                                         compress_statistics=compress_statistics, blocksize=blocksize))
+                                                         compress_statistics=compress_statistics, blocksize=blocksize,
+                                                         nested_rounding=nested_rounding))
     return model
 
 

@@ -14,6 +14,11 @@ that moves ~0.15% of the codes; `quantize_blockwise_lut` below reproduces it (fo
     code_i   = lut[trunc((clip(x_i * float32(1 / absmax_b), -1, 1) + 1) * 0.5 * 65535 + 0.5)]
 Its vectorized kernel `quantize_blocks_lut` (writing into given arrays) and `dequantize_blocks` are also the
 requantization of bitsandbytes' 8-bit optimizer states (minilora.optim.adamw8bit).
+bnb's CUDA kernel (`kQuantizeBlockwise` / `dQuantize` in csrc/kernels.cu) searches instead; `quantize_blockwise_cuda`
+follows it (emulated here, not run against a GPU):
+    scaled_i = x_i * float32(1 / absmax_b)                  every block, the partial last one too
+    code_i   = 7-step binary search over the sorted 256-entry map, then one float32 midpoint test; a value exactly
+               on that midpoint keeps the entry the search landed on (`cuda_search_code`)
 
 Work is done in cache-sized chunks, so the only full-size arrays ever allocated are the outputs.
 """
@@ -274,3 +279,63 @@ def quantize_blockwise_lut(A, code=None, blocksize: int = 4096):
     quantize_blocks_lut(A.astype(xp.float32, copy=False), code, blocksize, out, absmax)
     return out, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
                                             dtype=A.dtype)
+
+
+def cuda_search_code(scaled, code):
+    """uint8 codes of float32 `scaled` by bnb's CUDA search (`dQuantize`, not stochastic), for a sorted 256-entry
+    `code` such as the dynamic map.
+
+    The search keeps a probe index p (start 127) and the last entries it passed on each side: below (lo, start index
+    0 with value -1) and above (hi, start index 255 with value 1). For step = 64, 32, ..., 1: if x > code[p], the
+    probe becomes the new `lo` and moves up by step, else it becomes the new `hi` and moves down. Where a side was
+    never passed, its value is the map's end (code[0] or code[255]) instead of -1 / 1. Then with v = code[p]:
+        x > v:  hi if x > float32(hi_value + v) * 0.5 else p
+        x <= v: lo if x < float32(lo_value + v) * 0.5 else p
+    so a value exactly on the float32 midpoint goes to p, whichever side p is on (the exact nearest rule of
+    `nearest_code` sends it to the lower entry). Everything else is the nearest entry."""
+    xp = get_array_module(scaled)
+    f32 = xp.float32
+    c = code.astype(f32, copy=False)                                     # (256,) sorted
+    x = scaled.astype(f32, copy=False)                                   # (m,)
+    p = xp.full(x.shape, 127, dtype=xp.int32)                            # (m,) the probe
+    lo = xp.zeros(x.shape, dtype=xp.int32)                               # (m,) last entry passed below
+    hi = xp.full(x.shape, 255, dtype=xp.int32)                           # (m,) last entry passed above
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        up = x > c[p]                                                    # (m,) bool
+        lo = xp.where(up, p, lo)
+        hi = xp.where(up, hi, p)
+        p = xp.where(up, p + step, p - step)
+    v = c[p]                                                             # (m,)
+    mid_hi = (c[hi] + v) * f32(0.5)                                      # (m,) float32 midpoints
+    mid_lo = (c[lo] + v) * f32(0.5)
+    q = xp.where(x > v, xp.where(x > mid_hi, hi, p), xp.where(x < mid_lo, lo, p))
+    return q.astype(xp.uint8)
+
+
+def quantize_blockwise_cuda(A, code=None, blocksize: int = 4096):
+    """bitsandbytes' CUDA quantize_blockwise emulated on the host (kQuantizeBlockwise + dQuantize): every block is
+    scaled by float32(1 / absmax) (the partial last block too) and coded by `cuda_search_code`. An all-zero block
+    stores absmax 0 and code 0 (CUDA's 0 * inf is NaN, which the search sends to the bottom entry).
+
+    Needs a sorted 256-entry code (bnb's kernel assumes one); code=None means the signed dynamic map. Same input
+    checks as `quantize_blockwise`. Not measured against a GPU here: it is the kernel's rule, written out."""
+    xp = check_quant_input(A)
+    blocksize = check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    code = create_dynamic_map(signed=True, xp=xp) if code is None else check_code(code, xp)
+    if code.size != 256 or bool((code[1:] < code[:-1]).any()):
+        raise ValueError("the CUDA search needs a sorted 256-entry code")
+    flat = A.reshape(-1).astype(xp.float32, copy=False)                  # (n,)
+    n = flat.size
+    full = n - n % blocksize
+    absmax = xp.empty(-(-n // blocksize), dtype=xp.float32)              # (n_blocks,)
+    absmax[:full // blocksize] = xp.abs(flat[:full].reshape(-1, blocksize)).max(axis=1)
+    if full < n:
+        absmax[-1] = xp.abs(flat[full:]).max()
+    if not bool(xp.isfinite(absmax).all()):
+        _refuse(A)
+    zero = absmax == 0                                                   # (n_blocks,)
+    inv = xp.float32(1) / xp.where(zero, xp.float32(1), absmax)          # (n_blocks,)
+    q = cuda_search_code(flat * xp.repeat(inv, blocksize)[:n], code)     # (n,)
+    q[xp.repeat(zero, blocksize)[:n]] = 0
+    return q.reshape(A.shape), QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
+                                          dtype=A.dtype)
