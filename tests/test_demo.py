@@ -9,6 +9,7 @@ import pytest
 from torch_twin import torch_copy_of
 
 from minilora.apps import demo, demo_plots
+from minilora.backend import get_backend
 from minilora.data import load_corpus
 from minilora.pretrained import load_base
 
@@ -46,6 +47,7 @@ def test_quick_demo_writes_table_adapters_and_figures(run, capsys):
         assert (out / "figures" / fig).stat().st_size > 1000
     assert set(res["inference"]) == {"base", "lora_unmerged", "lora_merged", "qlora_nf4_unmerged"}
     assert set(res["swap"]["rows"]) == {"none (base)", "stdlib code adapter", "IDLE HTML adapter"}
+    assert res["machine"]["backend"] == get_backend()      # the array backend the numbers were computed on
 
 
 def test_parameter_counts_match_the_formula(run):

@@ -43,7 +43,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from minilora.apps.common import add_threads_option, apply_threads, check_out_dir
-from minilora.backend import asarray, default_rng, to_numpy
+from minilora.backend import asarray, default_rng, get_backend, to_numpy
 from minilora.data import LN2, decode, encode, load_corpus
 from minilora.hf import export_hf
 from minilora.io import atomic_write_text, save_json, save_safetensors
@@ -570,7 +570,7 @@ def main(argv=None) -> int:
               "corpora": {n: c.stats() for n, c in corpora.items()},
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "blas_threads": get_num_threads(),
-                          "blas": blas_info()}}
+                          "blas": blas_info(), "backend": get_backend()}}
     t_start = time.perf_counter()
 
     if args.sweep_rank:
