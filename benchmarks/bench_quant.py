@@ -1,17 +1,19 @@
 """Benchmark: minilora's NF4 quantize_4bit / dequantize_4bit against bitsandbytes on CPU, in the same process.
 
-    python benchmarks/bench_quant.py [--n 16777216] [--repeats 7] [--threads 1]
+    python benchmarks/bench_quant.py [--n 16777216] [--rounds 7] [--threads 1,2]
 
-For 16M float32 values (NF4, blocksize 64, with and without double quantization) it prints the best-of-N time,
-throughput (M elements/s and GB/s of memory traffic), the ratio to bitsandbytes, and the fraction of this machine's
-memory bandwidth (measured by a large np.copyto) that was reached; then the peak extra memory (tracemalloc) while
-quantizing, beyond the outputs themselves, at two input sizes: minilora works in cache-sized chunks, so it must not
-grow with the input.
+For 16M float32 values (NF4, blocksize 64, with and without double quantization) it prints, at each thread count
+(both libraries at the same count: minilora.threads.set_num_threads, which dequantize_4bit's thread split follows,
+and torch.set_num_threads, which sets bnb's OpenMP threads), the median time over interleaved rounds (minilora,
+then bnb, then the next round: a neighbour's load hits both alike), throughput (M elements/s and GB/s of memory
+traffic), the ratio to bitsandbytes (bnb's median / minilora's), and the fraction of this machine's memory
+bandwidth (a large np.copyto) reached; then the peak extra memory (tracemalloc) while quantizing, beyond the
+outputs: minilora works in cache-sized chunks, so it must not grow with the input.
 
-Targets: quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel. The reference quantizer
-(minilora/quant/reference.py, the readable version that gives the same bytes) is timed on the same input, for scale.
-Both libraries run single-threaded by default (NumPy's elementwise ops are single-threaded; bitsandbytes gets
-OMP_NUM_THREADS and torch.set_num_threads = --threads). OpenBLAS is not involved in any of these operations.
+Targets: quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel, at every thread count. The
+reference quantizer (minilora/quant/reference.py, the readable version that gives the same bytes) is timed on the
+same input at the first thread count, for scale. Quantize is single-threaded in minilora; dequantize splits its
+chunks over threads above 2M values. OpenBLAS is not involved in any of these operations.
 """
 from __future__ import annotations
 
@@ -23,17 +25,18 @@ import time
 import tracemalloc
 from functools import partial
 
-# bnb's CPU library runs its kernels with OpenMP (its own libgomp, read at load time): pin the thread count before
-# torch/bitsandbytes are imported, so the comparison is one core against one core unless asked otherwise.
+# bnb's CPU kernels run on torch's OpenMP runtime, whose pool size is read at load time: allow the largest count
+# asked for before torch is imported; torch.set_num_threads then picks each count.
 _threads = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
 if _threads is None and "--threads" in sys.argv[:-1]:
     _threads = sys.argv[sys.argv.index("--threads") + 1]
-os.environ.setdefault("OMP_NUM_THREADS", _threads or "1")
+os.environ.setdefault("OMP_NUM_THREADS", str(max(int(t) for t in (_threads or "1,2").split(","))))
 
 import numpy as np  # noqa: E402
 
 from minilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from minilora.quant.reference import dequantize_4bit_reference, quantize_4bit_reference  # noqa: E402
+from minilora.threads import blas_info, get_num_threads, set_num_threads  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -46,11 +49,37 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def median_times(ours, theirs, rounds):
+    """Median seconds of each over `rounds` interleaved rounds (after one warm-up call each); nan for no `theirs`."""
+    fns = [f for f in (ours, theirs) if f]
+    for f in fns:
+        f()                                                              # warm-up (caches, lazy tables)
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    meds = [sorted(ts)[len(ts) // 2] for ts in times]
+    return meds[0], (meds[1] if theirs else float("nan"))
+
+
 def copy_bandwidth(n, repeats):
     src = np.random.default_rng(1).standard_normal(n).astype(np.float32)
     dst = np.empty_like(src)
     t = best_time(lambda: np.copyto(dst, src), repeats)
     return 2 * src.nbytes / t                                            # bytes read + written per second
+
+
+def cpu_kind() -> str:
+    """'AVX-512' or 'no AVX-512' (from /proc/cpuinfo), with the CPU model name when it is known."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return f"{platform.processor() or platform.machine()} (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {'AVX-512' if 'avx512f' in info else 'no AVX-512'}, {os.cpu_count()} cores"
 
 
 def traffic(n, dq, op):
@@ -72,62 +101,71 @@ def peak_extra(fn, outputs_nbytes):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16 * 1024 * 1024)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="threads for bitsandbytes (OMP_NUM_THREADS and torch; default 1, as NumPy uses one)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", default="1,2",
+                    help="comma-separated thread counts, each used by both libraries (default 1,2)")
     args = ap.parse_args(argv)
     n = args.n
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
 
-    print(f"n = {n:,} float32 ({x.nbytes / 2**20:.0f} MiB), NF4, blocksize 64; best of {args.repeats}")
+    counts = [int(t) for t in args.threads.split(",")]
+    print(f"n = {n:,} float32 ({x.nbytes / 2**20:.0f} MiB), NF4, blocksize 64; median of {args.rounds} rounds")
     print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
-    bw = copy_bandwidth(n, args.repeats)
+    print(f"CPU: {cpu_kind()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; BLAS {blas_info()}")
+    bw = copy_bandwidth(n, args.rounds)
     print(f"memory bandwidth (np.copyto, read + write): {bw / 1e9:.1f} GB/s\n")
 
     try:
         import bitsandbytes.functional as F
         import torch
-        torch.set_num_threads(args.threads)
         xt = torch.from_numpy(x)
         print(f"bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__}, "
-              f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}\n")
+              f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}\n")
     except ImportError as e:
         F = None
         print(f"(bitsandbytes not available: {e}; minilora numbers only)\n")
 
-    rows = []
-    for dq in (False, True):
-        p, st = quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
-        out = np.empty_like(x)
-        ops = {    # each call bound now (functools.partial), not looked up when timed
-            "quantize": (partial(quantize_4bit, x, 64, "nf4", dq),
-                         partial(F.quantize_4bit, xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
-                         if F else None),
-            "dequantize": (partial(dequantize_4bit, p, st), None),
-            "dequantize(out=)": (partial(dequantize_4bit, p, st, out=out), None),
-        }
+    rows = []                                                            # (threads, op, ours s, bnb s, bytes)
+    for threads in counts:
+        set_num_threads(threads)
         if F:
-            tp, ts = F.quantize_4bit(xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
-            tout = torch.empty_like(xt)
-            ops["dequantize"] = (ops["dequantize"][0], partial(F.dequantize_4bit, tp, ts))
-            try:                                                         # bnb 0.50.2 has no CPU kernel for .out
-                F.dequantize_4bit(tp, ts, out=tout)
-                ops["dequantize(out=)"] = (ops["dequantize(out=)"][0], partial(F.dequantize_4bit, tp, ts, out=tout))
-            except (NotImplementedError, RuntimeError):
-                pass
-        if not dq:   # the readable reference (same bytes), against the same bnb calls
-            ops["reference quantize"] = (partial(quantize_4bit_reference, x, 64, "nf4"), ops["quantize"][1])
-            ops["reference dequantize"] = (partial(dequantize_4bit_reference, p, st), ops["dequantize"][1])
-        for name, (ours, theirs) in ops.items():
-            t_ours = best_time(ours, args.repeats)
-            t_bnb = best_time(theirs, args.repeats) if theirs else float("nan")
-            rows.append((name + (" +DQ" if dq else ""), t_ours, t_bnb, traffic(n, dq, name)))
+            torch.set_num_threads(threads)
+        print(f"threads: minilora {get_num_threads()} (BLAS limit, followed by dequantize_4bit), "
+              f"bnb {torch.get_num_threads() if F else '-'} (torch.set_num_threads)", flush=True)
+        for dq in (False, True):
+            p, st = quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
+            out = np.empty_like(x)
+            ops = {    # each call bound now (functools.partial), not looked up when timed
+                "quantize": (partial(quantize_4bit, x, 64, "nf4", dq),
+                             partial(F.quantize_4bit, xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
+                             if F else None),
+                "dequantize": (partial(dequantize_4bit, p, st), None),
+                "dequantize(out=)": (partial(dequantize_4bit, p, st, out=out), None),
+            }
+            if F:
+                tp, ts = F.quantize_4bit(xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
+                tout = torch.empty_like(xt)
+                ops["dequantize"] = (ops["dequantize"][0], partial(F.dequantize_4bit, tp, ts))
+                try:                                                     # bnb 0.50.2 has no CPU kernel for .out
+                    F.dequantize_4bit(tp, ts, out=tout)
+                    ops["dequantize(out=)"] = (ops["dequantize(out=)"][0],
+                                               partial(F.dequantize_4bit, tp, ts, out=tout))
+                except (NotImplementedError, RuntimeError):
+                    pass
+            if not dq and threads == counts[0]:   # the readable reference (same bytes), against the same bnb calls
+                ops["reference quantize"] = (partial(quantize_4bit_reference, x, 64, "nf4"), ops["quantize"][1])
+                ops["reference dequantize"] = (partial(dequantize_4bit_reference, p, st), ops["dequantize"][1])
+            for name, (ours, theirs) in ops.items():
+                t_ours, t_bnb = median_times(ours, theirs, args.rounds)
+                rows.append((threads, name + (" +DQ" if dq else ""), t_ours, t_bnb, traffic(n, dq, name)))
+    print(f"load average after timing: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
 
-    print(f"{'op':<22} {'minilora ms':>11} {'bnb ms':>8} {'Melem/s':>8} {'GB/s':>6} {'vs bnb':>7} {'of bw':>6}")
-    print("(vs bnb = bnb time / minilora time; 'nan' = bnb has no such CPU op; dequantize(out=) reuses a buffer)")
-    for name, t_ours, t_bnb, nbytes in rows:
-        print(f"{name:<22} {t_ours * 1e3:>11.1f} {t_bnb * 1e3:>8.1f} {n / t_ours / 1e6:>8.0f} "
+    print(f"{'threads':>7} {'op':<22} {'minilora ms':>11} {'bnb ms':>8} {'Melem/s':>8} {'GB/s':>6} {'vs bnb':>7} "
+          f"{'of bw':>6}")
+    print("(vs bnb = bnb median / minilora median; 'nan' = bnb has no such CPU op; dequantize(out=) reuses a buffer)")
+    for threads, name, t_ours, t_bnb, nbytes in rows:
+        print(f"{threads:>7} {name:<22} {t_ours * 1e3:>11.1f} {t_bnb * 1e3:>8.1f} {n / t_ours / 1e6:>8.0f} "
               f"{nbytes / t_ours / 1e9:>6.2f} {t_bnb / t_ours:>6.2f}x {nbytes / t_ours / bw:>6.1%}")
 
     print("\npeak extra memory while quantizing (tracemalloc), beyond the outputs:")
@@ -141,13 +179,16 @@ def main(argv=None) -> int:
             print(f"  n = {m:>10,} DQ={dq!s:<5}  quantize: outputs {outputs / 2**20:7.2f} MiB, extra "
                   f"{extra / 2**20:6.2f} MiB | dequantize: extra {extra_d / 2**20:6.2f} MiB")
     if F:
-        q = [r for r in rows if r[0].startswith("quantize")]
-        d = [r for r in rows if r[0] in ("dequantize", "dequantize +DQ")]
-        qr = min(r[2] / r[1] for r in q)
-        dr = min(r[2] / r[1] for r in d)
-        print(f"\ntargets: quantize >= 3x bnb: {qr:.2f}x {'PASS' if qr >= 3 else 'MISS'}; "
-              f"dequantize >= 1.5x bnb: {dr:.2f}x {'PASS' if dr >= 1.5 else 'MISS'}")
-    times = {r[0]: r[1] for r in rows}
+        print()
+        for threads in counts:
+            q = [r for r in rows if r[0] == threads and r[1].startswith("quantize")]
+            d = [r for r in rows if r[0] == threads and r[1] in ("dequantize", "dequantize +DQ")]
+            qr = min(r[3] / r[2] for r in q)
+            dr = min(r[3] / r[2] for r in d)
+            print(f"targets at {threads} thread(s) each: quantize >= 3x bnb: {qr:.2f}x "
+                  f"{'PASS' if qr >= 3 else 'MISS'}; "
+                  f"dequantize >= 1.5x bnb (worse of plain and DQ): {dr:.2f}x {'PASS' if dr >= 1.5 else 'MISS'}")
+    times = {r[1]: r[2] for r in rows if r[0] == counts[0]}
     print(f"reference: quantize {times['reference quantize'] / times['quantize']:.1f}x slower than the fast path, "
           f"dequantize {times['reference dequantize'] / times['dequantize']:.1f}x (same bytes; for reading, not speed)")
     return 0

@@ -193,12 +193,13 @@ def dequantize_4bit(A, quant_state: QuantState, out=None, threads: int | None = 
     else:
         out = xp.empty(2 * src.size, dtype=qs.dtype)                     # (2m,) the one full-size allocation
     chunk = chunk_size(xp, bs)
-    spans = thread_spans(2 * src.size, chunk, dequantize_threads(threads, 2 * src.size, xp))
+    threads = dequantize_threads(threads, 2 * src.size, xp)
     args = (src, out, absmax, lut, bs, n - n % bs, chunk, xp)
-    if len(spans) == 1:
-        dequantize_span(*spans[0], *args)
-    else:                                                                # each thread first-touches its own pages
-        with ThreadPoolExecutor(len(spans)) as pool:
+    if threads == 1:
+        dequantize_span(0, 2 * src.size, *args)
+    else:   # SPANS_PER_THREAD runs per thread: a thread whose core a neighbour holds takes fewer of them
+        spans = thread_spans(2 * src.size, chunk, SPANS_PER_THREAD * threads)
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda span: dequantize_span(*span, *args), spans))
     if qs.bfloat16:
         round_to_bfloat16(out)
@@ -210,6 +211,7 @@ def dequantize_4bit(A, quant_state: QuantState, out=None, threads: int | None = 
 
 
 PARALLEL_MIN = 1 << 21   # values; below, a thread pool (and get_num_threads' ~1 ms) costs more than it saves
+SPANS_PER_THREAD = 4     # pieces of work per thread (whole chunks each), handed out as threads come free
 
 
 def dequantize_threads(threads, size, xp) -> int:
@@ -224,10 +226,10 @@ def dequantize_threads(threads, size, xp) -> int:
     return get_num_threads() or 1
 
 
-def thread_spans(size: int, chunk: int, threads: int) -> list:
-    """[(start, stop), ...]: `size` values split into at most `threads` contiguous runs of whole chunks."""
+def thread_spans(size: int, chunk: int, pieces: int) -> list:
+    """[(start, stop), ...]: `size` values split into at most `pieces` contiguous runs of whole chunks."""
     n_chunks = max(1, -(-size // chunk))
-    per = -(-n_chunks // max(1, min(threads, n_chunks)))                 # chunks per thread
+    per = -(-n_chunks // max(1, min(pieces, n_chunks)))                  # chunks per piece
     return [(s, min(s + per * chunk, size)) for s in range(0, max(size, 1), per * chunk)]
 
 
