@@ -1,7 +1,7 @@
-"""Memory calculator: every paper / seed number pinned to its source (test names say which).
+"""Memory calculator: every paper and lecture-note number pinned to its source (test names say which).
 
 Sources: QLoRA = Dettmers et al. 2023, arXiv 2305.14314; LoRA = Hu et al. 2021, arXiv 2106.09685;
-"seeds" = the course brief's tables (issue 4). GB = 1e9 bytes, MiB = 2**20 bytes.
+"lecture notes" = the tables of the lecture notes the course follows. GB = 1e9 bytes, MiB = 2**20 bytes.
 """
 import json
 import math
@@ -148,8 +148,8 @@ def test_lora_sec42_gpt3_r4_checkpoint_18_9M_params_36MiB_paper_35MB_from_350GB(
     assert 349 * GB < e.total_bytes < 351 * GB
 
 
-# ---------------------------------------------------------------------------------------------- seeds' tables
-SQUARE_TABLE = {   # seeds: a model of N params as one square layer, trainable params of LoRA at rank r, as printed
+# ------------------------------------------------------------------------------------- the lecture notes' tables
+SQUARE_TABLE = {   # lecture notes: a model of N params as one square layer, trainable params of LoRA at rank r, as printed
     1: ("167k", "228k", "529k", "849k"),
     8: ("1M", "2M", "4M", "7M"),
     512: ("86M", "117M", "270M", "434M"),
@@ -165,7 +165,7 @@ def _parse(printed):
 
 
 @pytest.mark.parametrize("r", sorted(SQUARE_TABLE))
-def test_seeds_square_layer_table_2_sqrtN_r(r):
+def test_lecture_notes_square_layer_table_2_sqrtN_r(r):
     # 2·√N·r for N = 7B, 13B, 70B, 180B. The table rounds loosely (270M for 270.9M, 1.8B for 1.87B: truncated;
     # 849k for 848.5k, 2M for 1.82M: rounded), so each printed value must equal our value rounded OR truncated
     # to the printed precision: |ours - printed| < one unit in the last printed place.
@@ -176,19 +176,19 @@ def test_seeds_square_layer_table_2_sqrtN_r(r):
         assert math.floor(ours / ulp) * ulp == pytest.approx(value) or round(ours / ulp) * ulp == pytest.approx(value)
 
 
-def test_seeds_square_layer_exact_values():
+def test_lecture_notes_square_layer_exact_values():
     assert round(square_layer_lora_params(7e9, 1)) == 167_332
     assert round(square_layer_lora_params(70e9, 512) / 1e5) == 2709        # 270.9M, printed "270M"
 
 
-def test_seeds_512x64_matrix_r8_has_4608_trainable_86_percent_fewer():
+def test_lecture_notes_512x64_matrix_r8_has_4608_trainable_86_percent_fewer():
     sh = ModelShape("one-layer", n_layer=1, d_model=512, n_head=1, d_ff=64, vocab_size=1, mlp="gelu")
     n = lora_trainable_params(sh, 8, targets="c_fc")                       # c_fc is 512 -> 64
     assert n == 8 * (512 + 64) == 4_608
     assert round(100 * (1 - n / (512 * 64))) == 86
 
 
-def test_seeds_rank1_4x4_matrix_recovered_exactly_as_4x1_times_1x4():
+def test_lecture_notes_rank1_4x4_matrix_recovered_exactly_as_4x1_times_1x4():
     W = [[-8, -2, -6, 6], [-4, -1, -3, 3], [28, 7, 21, -21], [24, 6,18, -18]]
     u, v = rank1_factorize(W)
     assert u == [[-2], [-1], [7], [6]] and v == [[4, 1, 3, -3]]            # 8 numbers instead of 16
@@ -206,18 +206,18 @@ def test_rank1_factorize_rejects_rank2_and_zero():
     assert np.allclose(np.array(u, dtype=float) @ np.array(v, dtype=float), [[0.5, 1.0], [1.0, 2.0]])
 
 
-# The seeds' comparison table: LoRA on 7B needs 16-24 GB, QLoRA 8-16 GB, adapters about 100 MB. One setting pins all
+# The lecture notes' comparison table: LoRA on 7B needs 16-24 GB, QLoRA 8-16 GB, adapters about 100 MB. One setting pins all
 # three: r=16 on all linear layers, seq_len 512, batch 2, no gradient checkpointing, 16-bit adapters.
 SEEDS_SETTING = dict(r=16, targets="all-linear", seq_len=512, batch_size=2, gradient_checkpointing=False)
 
 
-def test_seeds_lora_7b_needs_16_to_24GB():
+def test_lecture_notes_lora_7b_needs_16_to_24GB():
     e = estimate("llama-7b", "lora", **SEEDS_SETTING)
     assert 16 * GB < e.total_bytes < 24 * GB                               # 21.36 GB
     assert estimate("llama-7b", "lora", **{**SEEDS_SETTING, "batch_size": 1}).total_bytes > 16 * GB   # 17.7 GB
 
 
-def test_seeds_qlora_7b_needs_8_to_16GB():
+def test_lecture_notes_qlora_7b_needs_8_to_16GB():
     e = estimate("llama-7b", "qlora", **SEEDS_SETTING)
     assert 8 * GB < e.total_bytes < 16 * GB                                # 11.75 GB
     # and under the QLoRA paper's own recipe (r=64 all-linear, batch 16, checkpointing), seq 512: 10.96 GB
@@ -226,7 +226,7 @@ def test_seeds_qlora_7b_needs_8_to_16GB():
     assert 8 * GB < recipe.total_bytes < 16 * GB
 
 
-def test_seeds_adapters_about_100MB():
+def test_lecture_notes_adapters_about_100MB():
     # r=16 on all 7 linears of LLaMA-7B: 32 · 16 · (4·8192 + 3·15104) = 39,976,960 params, 80 MB in 16-bit
     # ("about 100 MB": within 25 %; r=20 would give 100 MB exactly).
     e = estimate("llama-7b", "lora", **SEEDS_SETTING)
