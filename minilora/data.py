@@ -18,7 +18,7 @@ numbers skip when the hash differs from the recorded one.
 
 Batches are sampled on the host, as nanoGPT's `get_batch` does: random windows of block_size+1 bytes, x = the first
 block_size, y = the same shifted by one. The numpy Generator's state is a plain dict of ints, so a training run can
-save it in JSON and resume bit for bit (`rng_state` / `rng_from_state`).
+save it in JSON and resume bit for bit (minilora.train's checkpoints do).
 
 Host-only module: it may import numpy (text -> token ids happens before arrays move to the device).
 """
@@ -117,21 +117,6 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random
         raise ValueError(f"data has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
     starts = rng.integers(0, len(data) - block_size, size=batch_size)              # (B,)
     return _windows(data, starts, block_size)
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    """The Generator's state as a JSON-serialisable dict (PCG64 state is two Python ints plus flags)."""
-    return rng.bit_generator.state
-
-
-def rng_from_state(state: dict) -> np.random.Generator:
-    """Rebuild a Generator from rng_state(...) output, e.g. after json.load, to resume a run exactly."""
-    name = state.get("bit_generator")
-    if name != "PCG64":
-        raise ValueError(f"expected a PCG64 generator state, got bit_generator={name!r}")
-    bg = np.random.PCG64()
-    bg.state = state
-    return np.random.Generator(bg)
 
 
 # ----------------------------------------------------------------------------------------------------------- corpora

@@ -1,5 +1,4 @@
 """Corpora, splits and batches: deterministic, disjoint, byte-level, resumable."""
-import json
 
 import numpy as np
 import pytest
@@ -59,17 +58,6 @@ def test_get_batch_shapes_shift_and_seed():
     np.testing.assert_array_equal(x, x2)
     x3, _ = c.get_batch("train", 4, 16, np.random.default_rng(1))
     assert not np.array_equal(x, x3)
-
-
-def test_rng_state_survives_json():
-    rng = np.random.default_rng(123)
-    rng.integers(0, 10, 5)
-    state = json.loads(json.dumps(data.rng_state(rng)))
-    a = rng.integers(0, 1 << 30, 8)
-    b = data.rng_from_state(state).integers(0, 1 << 30, 8)
-    np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="PCG64"):
-        data.rng_from_state({"bit_generator": "MT19937"})
 
 
 def test_eval_windows_fixed_and_inside_the_split():
