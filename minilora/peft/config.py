@@ -234,15 +234,18 @@ def _pattern_key(patterns: dict, module_name: str):
 
 
 # ---- target-module matching --------------------------------------------------------------------------------------
+def module_name_matches(key: str, spec) -> bool:
+    """PEFT's rule for one full dotted module name: a str is a full regex match, a list (or set, tuple) matches
+    exactly or by the suffix "." + item ("c_attn" matches "transformer.h.0.attn.c_attn")."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return key in spec or any(key.endswith("." + s) for s in spec)
+
+
 def check_exclude(config: LoraConfig, key: str) -> bool:
     """True when `key` (a full dotted module name) is excluded by exclude_modules or modules_to_save."""
-    ex = config.exclude_modules
-    if ex:
-        if isinstance(ex, str):
-            if re.fullmatch(ex, key):
-                return True
-        elif key in ex or any(key.endswith("." + e) for e in ex):
-            return True
+    if config.exclude_modules and module_name_matches(key, config.exclude_modules):
+        return True
     # never put an adapter inside a module that is trained and saved whole (PEFT: conflicting behaviour)
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in (config.modules_to_save or []))
 
@@ -254,11 +257,9 @@ def check_target_module_exists(config: LoraConfig, key: str) -> bool:
     targets = config.target_modules
     if targets is None:
         return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    if not any(key.endswith("." + t) for t in targets):
+    if isinstance(targets, str) or key in targets:
+        return module_name_matches(key, targets)
+    if not module_name_matches(key, targets):
         return False
     layers = config.layers_to_transform
     if layers is None or (isinstance(layers, list) and not layers):

@@ -29,7 +29,13 @@ from minilora.nn.linear4bit import Linear4bit
 from minilora.nn.lora import LoRALinear, QLoRALinear, check_adapter_name
 from minilora.nn.module import Module, ModuleDict
 from minilora.peft import save_and_load as sl
-from minilora.peft.config import LoraConfig, find_targets, resolve_target_modules, warn_fan_in_fan_out
+from minilora.peft.config import (
+    LoraConfig,
+    find_targets,
+    module_name_matches,
+    resolve_target_modules,
+    warn_fan_in_fan_out,
+)
 
 LORA_PREFIX = "lora_"                                # PEFT_TYPE_TO_PREFIX_MAPPING[LORA]: the parameter-name prefix
 
@@ -115,7 +121,7 @@ class LoraModel(Module):
                 raise ValueError(f"r={r} is larger than min(in_features, out_features) = "
                                  f"min({base.in_features}, {base.out_features}) for {name!r}: B A would have rank "
                                  f"at most {lim}, so the extra rank is wasted")
-        saved = [n for n in names if any(n == t or n.endswith("." + t) for t in config.modules_to_save or [])]
+        saved = [n for n in names if module_name_matches(n, list(config.modules_to_save or []))]
         four = [n for n in saved if isinstance(mods[n], Linear4bit)]
         if four:
             raise ValueError(f"modules_to_save cannot train a 4-bit layer ({four[0]!r}: its codes are frozen); keep "

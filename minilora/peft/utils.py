@@ -25,14 +25,8 @@ from minilora.nn.layers import Linear
 from minilora.nn.linear4bit import Linear4bit
 from minilora.nn.lora import LoRALinear
 from minilora.nn.module import Module
+from minilora.peft.config import module_name_matches
 from minilora.peft.model import PeftModel
-
-
-def _matches(name: str, spec) -> bool:
-    """PEFT's rule: a str is a full regex match, a list matches exactly or by suffix "." + item."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith("." + s) for s in spec)
 
 
 def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
@@ -58,9 +52,9 @@ def quantize_model(model, quant_type: str = "nf4", compress_statistics: bool = T
                 for d in (m.lora_A, m.lora_B) for lin in d.values()}            # trained in float: never quantized
     chosen = []
     for name, m in model.named_modules():
-        if not name or type(m) is not Linear or id(m) in adapters or _matches(name, skip):
+        if not name or type(m) is not Linear or id(m) in adapters or module_name_matches(name, skip):
             continue
-        if target_modules == "all-linear" or _matches(name, target_modules):
+        if target_modules == "all-linear" or module_name_matches(name, target_modules):
             chosen.append(name)
     if not chosen:
         raise ValueError(f"quantize_model: target_modules {target_modules!r} (minus skip_modules {skip}) matched no "
