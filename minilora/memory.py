@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from fractions import Fraction
 
 from minilora.units import GB, MiB, fmt_bytes  # noqa: F401 - MiB stays importable from here (notebook 08)
 
@@ -201,34 +200,6 @@ def adam_state_bytes(sizes, optim_bits: int = 32, min_8bit_size: int = 4096) -> 
 def square_layer_lora_params(n_params: float, r: int) -> float:
     """Treat a whole model of N parameters as one √N × √N matrix: LoRA adds A and B, 2·√N·r parameters."""
     return 2.0 * math.sqrt(n_params) * r
-
-
-def rank1_factorize(matrix):
-    """Exact rank-1 factorization M = u vᵀ with Fractions: returns (u as m×1 list, vᵀ as 1×n list).
-
-    v is the first non-zero row divided by the gcd of its entries (sign chosen so its first non-zero entry is
-    positive), so integer matrices give integer factors. Raises ValueError if M is zero or has rank > 1."""
-    M = [[Fraction(x) for x in row] for row in matrix]
-    if not M or any(len(row) != len(M[0]) for row in M):
-        raise ValueError("matrix must be a non-empty list of equal-length rows")
-    pivot_row = next((row for row in M if any(row)), None)
-    if pivot_row is None:
-        raise ValueError("the zero matrix has rank 0, not 1")
-    j = next(k for k, x in enumerate(pivot_row) if x)
-    if all(x.denominator == 1 for x in pivot_row):
-        g = Fraction(math.gcd(*[int(x) for x in pivot_row]))
-    else:
-        g = abs(pivot_row[j])
-    g = g if pivot_row[j] > 0 else -g
-    v = [x / g for x in pivot_row]                   # (n,)
-    u = [row[j] / v[j] for row in M]                 # (m,)
-    for i, row in enumerate(M):
-        for k, x in enumerate(row):
-            if u[i] * v[k] != x:
-                raise ValueError(f"matrix has rank > 1: entry ({i}, {k}) = {x} but u[{i}]·v[{k}] = {u[i] * v[k]}")
-    def as_num(x):
-        return int(x) if x.denominator == 1 else x
-    return [[as_num(x)] for x in u], [[as_num(x) for x in v]]
 
 
 # --------------------------------------------------------------------------------------------- 4-bit storage cost

@@ -21,7 +21,6 @@ from minilora.memory import (
     lora_trainable_params,
     nf4_tensor_bytes,
     param_counts,
-    rank1_factorize,
     square_layer_lora_params,
 )
 
@@ -186,24 +185,6 @@ def test_lecture_notes_512x64_matrix_r8_has_4608_trainable_86_percent_fewer():
     n = lora_trainable_params(sh, 8, targets="c_fc")                       # c_fc is 512 -> 64
     assert n == 8 * (512 + 64) == 4_608
     assert round(100 * (1 - n / (512 * 64))) == 86
-
-
-def test_lecture_notes_rank1_4x4_matrix_recovered_exactly_as_4x1_times_1x4():
-    W = [[-8, -2, -6, 6], [-4, -1, -3, 3], [28, 7, 21, -21], [24, 6,18, -18]]
-    u, v = rank1_factorize(W)
-    assert u == [[-2], [-1], [7], [6]] and v == [[4, 1, 3, -3]]            # 8 numbers instead of 16
-    assert np.array_equal(np.array(u) @ np.array(v), np.array(W))
-    s = np.linalg.svd(np.array(W, dtype=np.float64), compute_uv=False)
-    assert s[1] < 1e-12 * s[0]                                             # numpy agrees: rank 1
-
-
-def test_rank1_factorize_rejects_rank2_and_zero():
-    with pytest.raises(ValueError, match="rank > 1"):
-        rank1_factorize([[1, 0], [0, 1]])
-    with pytest.raises(ValueError, match="rank 0"):
-        rank1_factorize([[0, 0], [0, 0]])
-    u, v = rank1_factorize([[0.5, 1.0], [1.0, 2.0]])
-    assert np.allclose(np.array(u, dtype=float) @ np.array(v, dtype=float), [[0.5, 1.0], [1.0, 2.0]])
 
 
 # The lecture notes' comparison table: LoRA on 7B needs 16-24 GB, QLoRA 8-16 GB, adapters about 100 MB. One setting,

@@ -54,19 +54,30 @@ W = np.array([[-8, -2, -6, 6],
 print("rank(W) =", np.linalg.matrix_rank(W))
 
 # %% [markdown]
-# Recover the factors exactly. `minilora.memory.rank1_factorize` takes the first non-zero row divided by the gcd of
-# its entries as $v^\top$, and each row's multiple of it as $u$; it works in exact fractions and raises if the
-# matrix has rank > 1. The product must give back $W$ bit for bit (integers, no rounding).
+# Recover the factors exactly: take the first non-zero row divided by the gcd of its entries as $v^\top$, and each
+# row's multiple of it as $u$. Integers in, integers out, so the product must give back $W$ bit for bit.
 
 # %%
-from minilora.memory import rank1_factorize, square_layer_lora_params
+from minilora.memory import square_layer_lora_params
 
-u, vT = rank1_factorize(W.tolist())
-u, vT = np.array(u), np.array(vT)                     # (4, 1), (1, 4)
+
+def rank1_factorize(W):
+    """Exact factors of an integer rank-1 matrix W = u vᵀ (v's first non-zero entry made positive)."""
+    row = next(r for r in W if r.any())                                  # (n,) the first non-zero row
+    g = np.gcd.reduce(row) * np.sign(row[np.flatnonzero(row)[0]])        # its gcd, signed
+    vT = (row // g)[None, :]                                             # (1, n)
+    j = np.flatnonzero(vT[0])[0]
+    u = (W[:, j] // vT[0, j])[:, None]                                   # (m, 1) each row's multiple of v
+    assert np.array_equal(u @ vT, W), "W has rank > 1: no exact u vᵀ"
+    return u, vT
+
+
+u, vT = rank1_factorize(W)                            # (4, 1), (1, 4)
 print("u =", u.ravel(), " v^T =", vT.ravel())
 print("u (4x1) @ v^T (1x4) == W exactly:", np.array_equal(u @ vT, W))
 print(f"numbers stored: {W.size} -> {u.size + vT.size}")
 assert np.linalg.matrix_rank(W) == 1 and np.array_equal(u @ vT, W) and u.size + vT.size == 8
+assert u.ravel().tolist() == [-2, -1, 7, 6] and vT.ravel().tolist() == [4, 1, 3, -3]
 
 # %% [markdown]
 # ## 2. Truncated SVD: the best rank-$k$ approximation and its error
