@@ -1,5 +1,8 @@
 """Blockwise 4-bit quantization (NF4, FP4, Int4) with optional double quantization: QLoRA's storage format.
 
+This is the fast path. Read minilora/quant/reference.py first: the same quantizer in the shape of its math, which
+tests/quant/test_reference.py proves byte-equal to this one.
+
     code_i  = nearest table value to x_i / absmax(block)    (blockwise.scale_blocks; exact ties -> lower code)
     byte_j  = (code_{2j} << 4) | code_{2j+1}                 the EVEN element goes in the HIGH nibble; odd n is
                                                              padded with one 0.0 after scaling (NF4 code 7, FP4 0)
