@@ -28,6 +28,11 @@ directions / first r QR directions and replace W0 by the residual W0 − s·B A,
 (`pissa_factors`, `olora_factors`, PEFT's `pissa_init` / `olora_init`). PiSSA needs a float base (TypeError on a
 4-bit one, as PEFT); OLoRA on a 4-bit base dequantizes, factors and re-quantizes the residual, as PEFT.
 
+init_lora_weights="loftq" (arXiv 2310.08659, `loftq_factors`) is QLoRA's quantization-aware start: it alternates
+Q = NF4(W0 − s·B A) and s·B A = the rank-r SVD of W0 − Q, so the 4-bit base Q plus the adapter approximates the float
+W0 before any training (plain QLoRA starts from Q0 = NF4(W0) and B = 0). The float base becomes a Linear4bit holding
+Q; `loftq_config` ({"loftq_bits": 4, "loftq_iter": T}, PEFT's LoftQConfig) sets T.
+
 As in PEFT, `lora_A` and `lora_B` are ModuleDicts of bias-free Linear layers, one per adapter name:
 
     layer.lora_A["default"].weight      A (r, D_in)        PEFT: nn.Linear(in_features, r, bias=False)
@@ -54,7 +59,7 @@ from minilora.nn.layers import Linear
 from minilora.nn.linear4bit import Linear4bit
 from minilora.nn.module import Module, ModuleDict
 from minilora.nn.parameter import Parameter
-from minilora.quant import dequantize_4bit
+from minilora.quant import dequantize_4bit, quantize_4bit
 
 
 def check_adapter_name(name) -> str:
@@ -71,7 +76,7 @@ def check_adapter_name(name) -> str:
     return name
 
 
-INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
+INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "loftq")
 
 
 def check_lora_args(r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, max_r=None) -> None:
@@ -94,7 +99,7 @@ def check_lora_args(r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, max
                          "(the exact SVD)")
     if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights in INIT_LORA_WEIGHTS[2:]):
         raise ValueError(f"init_lora_weights={init_lora_weights!r} is not implemented in minilora; choose one of "
-                         f"{INIT_LORA_WEIGHTS} (LoftQ/EVA/CorDA also rewrite or read more than the base weight)")
+                         f"{INIT_LORA_WEIGHTS} (EVA/CorDA also read more than the base weight)")
 
 
 def pissa_factors(W0, r, scaling):
@@ -128,6 +133,75 @@ def olora_factors(W0, r, scaling):
     return A, B, W - scaling * (B @ A)                                  # W_res (D_out, D_in)
 
 
+def check_loftq_config(loftq_config) -> dict:
+    """PEFT's LoftQConfig as the dict LoraConfig stores ({"loftq_bits": 4, "loftq_iter": T}), checked with PEFT's
+    messages: ValueError when it is missing or empty, for bits other than 4 and 8 and for T < 1; 8 bits (PEFT's
+    int8 variant) is refused because minilora has no 8-bit base layer to hold Q. Returns a plain dict."""
+    if not loftq_config:
+        raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+    if not isinstance(loftq_config, dict) and not hasattr(loftq_config, "loftq_iter"):
+        raise ValueError(f"loftq_config must be a LoftQConfig or a dict, got {loftq_config!r}")
+    cfg = dict(loftq_config) if isinstance(loftq_config, dict) else dict(vars(loftq_config))
+    unknown = sorted(set(cfg) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        raise ValueError(f"loftq_config has unknown key(s) {unknown}; PEFT's LoftQConfig has loftq_bits, loftq_iter")
+    bits, num_iter = cfg.get("loftq_bits", 4), cfg.get("loftq_iter", 1)
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"Only nf4 and int8 quantization is supported (loftq_bits={bits!r})")
+    if bits == 8:
+        raise ValueError("loftq_bits=8 (PEFT's int8 LoftQ) is not implemented in minilora: Q is stored by a "
+                         "4-bit Linear4bit base; use loftq_bits=4")
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter <= 0:
+        raise ValueError(f"Number of iterations must be greater than 0 (loftq_iter={num_iter!r})")
+    return {"loftq_bits": bits, "loftq_iter": num_iter}
+
+
+def loftq_factors(W0, r, scaling, num_iter=1, quant_type="nf4", blocksize=64, compress_statistics=False,
+                  nested_rounding="exact"):
+    """LoftQ (arXiv 2310.08659, Algorithm 1): a 4-bit Q and an adapter s·B A with Q + s·B A ≈ W0 before training.
+
+    Plain QLoRA starts from Q0 = NF4(W0) with B = 0, an error ‖W0 − Q0‖_F. LoftQ alternates T times
+
+        Q_t      = NF4(W0 − s·B_{t-1} A_{t-1})           (B_0 A_0 = 0, so Q_1 = Q0)
+        U S Vᵀ   = svd(W0 − Q_t),     s·B_t A_t = U_r S_r V_rᵀ     (the best rank-r fit of what Q_t missed)
+
+    so the first step already beats plain QLoRA (‖W0 − Q_1 − s·B_1 A_1‖ < ‖W0 − Q0‖ whenever the residual is not 0,
+    Eckart–Young) and later steps let the quantizer see the part the adapter will carry. As PEFT's `loftq_init`,
+    √S_r goes to each side: B = U_r √S_r, A = √S_r V_rᵀ, and here both are divided by √s so that s·B A = U_r S_r V_rᵀ
+    for any lora_alpha. PEFT does not divide (its A, B are these times √s; the same when lora_alpha = r), so there a
+    scaling s ≠ 1 adds s − 1 times the low-rank fit on top of Q (huggingface/peft#1982).
+
+    W0 (D_out, D_in) float -> (A (r, D_in), B (D_out, r), W_res (D_out, D_in)) in float32, as PEFT. W_res = W0 −
+    s·B_{T-1} A_{T-1} is the last matrix quantized: the 4-bit base stores quantize_4bit(W_res) with these settings
+    (deterministic, so the same codes Q_T came from). quant_type/blocksize/compress_statistics/nested_rounding are
+    `quantize_4bit`'s; PEFT's loftq_init uses NF4, blocks of 64, no double quantization (the defaults here).
+
+    PEFT's `loftq_init` moves the weight to CUDA (or XPU) unconditionally, so it could not be run on this CPU-only
+    project: nothing here is compared with PEFT's output, the tests check the algorithm's properties instead."""
+    if W0.ndim != 2:
+        raise ValueError(f"LoftQ factors a 2-D weight (D_out, D_in), got shape {tuple(W0.shape)}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(W0.shape):
+        raise ValueError(f"r must be an integer in [1, min(D_out, D_in)] = [1, {min(W0.shape)}], got {r!r}")
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter <= 0:
+        raise ValueError(f"Number of iterations must be greater than 0 (num_iter={num_iter!r})")
+    if not scaling > 0:
+        raise ValueError(f"scaling must be > 0, got {scaling!r}")
+    xp = get_array_module(W0)
+    W = W0.astype(xp.float32)                                           # (D_out, D_in)  PEFT computes in float32
+    W_res = W                                                           # (D_out, D_in)  what gets quantized
+    for t in range(num_iter):
+        packed, state = quantize_4bit(W_res, blocksize=blocksize, quant_type=quant_type,
+                                      compress_statistics=compress_statistics, nested_rounding=nested_rounding)
+        Q = dequantize_4bit(packed, state)                              # (D_out, D_in)  Q_t
+        U, S, Vh = xp.linalg.svd(W - Q, full_matrices=False)            # (D_out, k), (k,), (k, D_in)
+        root = xp.sqrt(S[:r] / scaling)                                 # (r,)  √(S_r / s)
+        A = root[:, None] * Vh[:r]                                      # (r, D_in)
+        B = U[:, :r] * root[None, :]                                    # (D_out, r)   s·B A = U_r S_r V_rᵀ
+        if t + 1 < num_iter:                                            # PEFT: no new residual after the last fit
+            W_res = W - scaling * (B @ A)                               # (D_out, D_in)
+    return A, B, W_res
+
+
 class DoraLinearLayer(Module):
     """DoRA's magnitude m for one adapter: only the Parameter `weight` (D_out,), as PEFT's `DoraLinearLayer`
     (src/peft/tuners/lora/dora.py). The passes are `functional.dora_forward` / `dora_backward`, run by LoRALinear."""
@@ -142,7 +216,7 @@ class LoRALinear(Module):
 
     def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None,
-                 use_dora: bool = False):
+                 use_dora: bool = False, loftq_config=None):
         super().__init__()
         if not isinstance(base_layer, (Linear, Linear4bit)):
             raise TypeError(f"LoRALinear wraps a Linear or Linear4bit, got {type(base_layer).__name__}")
@@ -162,7 +236,8 @@ class LoRALinear(Module):
         self.disable_adapters = False                      # PEFT's flag: True runs the base layer alone
         self._rng = default_rng(0) if rng is None else rng   # seeded: init and dropout masks are reproducible
         self._cache = None
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          loftq_config)
 
     # ---- adapters -------------------------------------------------------------------------------------------
     @property
@@ -193,9 +268,10 @@ class LoRALinear(Module):
         self._rng = generator
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False):
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, loftq_config=None):
         """Add adapter `adapter_name` with A (r, D_in), B (D_out, r) (and DoRA's m (D_out,) = ‖W0 + s·B A‖ per row
-        with use_dora); trainable only if it is active."""
+        with use_dora); trainable only if it is active. loftq_config ({"loftq_bits": 4, "loftq_iter": T} or a
+        LoftQConfig) is read only with init_lora_weights="loftq", which turns a float base into a Linear4bit."""
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
         check_adapter_name(adapter_name)
@@ -208,7 +284,9 @@ class LoRALinear(Module):
             raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
                             "the residual model to help minimize quantization errors. (PEFT's message: PiSSA needs "
                             "the float base weight; run it before quantize_model.)")
-        if init_lora_weights in ("pissa", "olora"):   # the base weight becomes the residual W0 − s·B A (PEFT)
+        if init_lora_weights == "loftq":
+            A, B = self._loftq_init(r, scaling, loftq_config)                  # (r, D_in), (D_out, r)
+        elif init_lora_weights in ("pissa", "olora"):   # the base weight becomes the residual W0 − s·B A (PEFT)
             factors = pissa_factors if init_lora_weights == "pissa" else olora_factors
             A, B, W_res = factors(self._base_weight(), r, scaling)                 # (r, D_in), (D_out, r), W0 shape
             self._set_base_weight(W_res.astype(dt))                             # a 4-bit base (OLoRA) re-quantizes
@@ -235,6 +313,24 @@ class LoRALinear(Module):
             m = F.dora_weight_norm(self._base_weight(), A, B, self.scaling[adapter_name])   # (D_out,)
             self.lora_magnitude_vector[adapter_name] = DoraLinearLayer(m.astype(dt))
         self.set_adapter(self.active_adapters)             # keeps the active set; fixes requires_grad flags
+
+    def _loftq_init(self, r, scaling, loftq_config):
+        """LoftQ on a float base: A, B from `loftq_factors`, and the base replaced by a Linear4bit storing
+        NF4(W_res) = Q (bias kept in float). Quantization settings: QLoRALinear's arguments, else PEFT's (NF4, blocks
+        of 64, no double quantization). A 4-bit base is refused: LoftQ needs W0 itself, which a 4-bit base no longer
+        has (PEFT's doc: "you should not pass a quantized model in this case")."""
+        cfg = check_loftq_config(loftq_config)
+        base = self.base_layer
+        if not isinstance(base, Linear):
+            raise TypeError("init_lora_weights='loftq' quantizes the float base itself: pass the float model (a "
+                            "Linear), not a 4-bit one; LoftQ needs W0, which Linear4bit no longer holds")
+        settings = getattr(self, "_loftq_quant", None) or dict(quant_type="nf4", blocksize=64,
+                                                               compress_statistics=False)
+        A, B, W_res = loftq_factors(base.weight.data, r, scaling, cfg["loftq_iter"], **settings)
+        bias = None if base.bias is None else base.bias.data
+        self.base_layer = Linear4bit.from_linear(Linear.from_weight(W_res.astype(base.weight.data.dtype), bias),
+                                                 **settings)             # stores Q = NF4(W_res)
+        return A, B
 
     def set_adapter(self, adapter_names):
         """Activate one adapter (a str) or several (a list, outputs summed); only active adapters train."""
@@ -464,14 +560,19 @@ def _delta(A, B, scaling):
 
 
 class QLoRALinear(LoRALinear):
-    """LoRA on a 4-bit base: a Linear is first converted with Linear4bit.from_linear (NF4 + double quant default)."""
+    """LoRA on a 4-bit base: a Linear is first converted with Linear4bit.from_linear (NF4 + double quant default).
+
+    With init_lora_weights="loftq" a Linear is handed to LoftQ instead, which quantizes its residual W0 − s·B A with
+    these same settings (quant_type, compress_statistics, blocksize)."""
 
     def __init__(self, base_layer, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, rng=None,
                  quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
-                 use_dora: bool = False):
-        if not isinstance(base_layer, Linear4bit):
+                 use_dora: bool = False, loftq_config=None):
+        self._loftq_quant = dict(quant_type=quant_type, compress_statistics=compress_statistics, blocksize=blocksize)
+        if not isinstance(base_layer, Linear4bit) and not (init_lora_weights == "loftq"
+                                                           and isinstance(base_layer, Linear)):
             base_layer = Linear4bit.from_linear(base_layer, quant_type=quant_type,
                                                 compress_statistics=compress_statistics, blocksize=blocksize)
         super().__init__(base_layer, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, rng,
-                         use_dora=use_dora)
+                         use_dora=use_dora, loftq_config=loftq_config)

@@ -17,6 +17,7 @@ from minilora.peft.config import (
                                   CONFIG_NAME,
                                   TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
                                   WEIGHTS_NAME,
+                                  LoftQConfig,
                                   LoraConfig,
                                   check_target_module_exists,
 )
@@ -30,7 +31,7 @@ from minilora.peft.utils import (
                                   quantize_model,
 )
 
-__all__ = ["LoraConfig", "check_target_module_exists", "get_peft_model", "PeftModel", "LoraModel",
+__all__ = ["LoraConfig", "LoftQConfig", "check_target_module_exists", "get_peft_model", "PeftModel", "LoraModel",
            "ModulesToSaveWrapper", "get_peft_model_state_dict", "set_peft_model_state_dict", "quantize_model",
            "prepare_model_for_kbit_training", "memory_report", "format_memory_report", "print_memory_report",
            "CONFIG_NAME", "WEIGHTS_NAME", "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora.io import load_json, save_json
-from minilora.nn.lora import check_lora_args
+from minilora.nn.lora import check_loftq_config, check_lora_args
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,8 +59,18 @@ SAVED_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "
 # lora_alpha is exactly how loaders compute wrong outputs (vllm #6909), so minilora refuses such a file.
 REQUIRED_KEYS = ("peft_type", "r", "lora_alpha", "target_modules")
 # Keys newer PEFT writes that do not change the forward pass, whatever their value.
-_HARMLESS_FOREIGN_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "loftq_config",
+_HARMLESS_FOREIGN_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
                           "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"}
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's LoftQConfig (arXiv 2310.08659): pass it as LoraConfig(init_lora_weights="loftq", loftq_config=...).
+
+    loftq_bits: the base's bits (4: NF4; PEFT's 8-bit variant is not implemented here). loftq_iter: T, the number of
+    alternations Q = NF4(W0 − s·B A), s·B A = rank-r SVD of W0 − Q (`minilora.nn.lora.loftq_factors`)."""
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 @dataclass
@@ -77,6 +87,7 @@ class LoraConfig:
     use_dora: bool = False
     modules_to_save: list | None = None
     init_lora_weights: bool | str = True
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
     layers_to_transform: list | int | None = None
     layers_pattern: list | str | None = None
     rank_pattern: dict = field(default_factory=dict)
@@ -91,6 +102,12 @@ class LoraConfig:
         check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)   # PEFT's messages
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
+        if self.init_lora_weights == "loftq":          # PEFT keeps the sub-config as a dict
+            self.loftq_config = check_loftq_config(self.loftq_config)
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          UserWarning, stacklevel=3)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"Requested bias: {self.bias!r}, is not implemented; choose 'none', 'all' or 'lora_only'")
         if self.peft_type != "LORA":
@@ -148,6 +165,8 @@ class LoraConfig:
             out["use_rslora"] = True
         if self.use_dora:                   # PEFT >= 0.9 reads it; an older PEFT refuses the file, as it should
             out["use_dora"] = True
+        if self.init_lora_weights == "loftq":   # PEFT >= 0.7; loading re-runs LoftQ on the float base (deterministic)
+            out["loftq_config"] = dict(self.loftq_config)
         return out
 
     @classmethod

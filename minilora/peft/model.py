@@ -121,6 +121,11 @@ class LoraModel(Module):
                 raise ValueError(f"r={r} is larger than min(in_features, out_features) = "
                                  f"min({base.in_features}, {base.out_features}) for {name!r}: B A would have rank "
                                  f"at most {lim}, so the extra rank is wasted")
+        quantized = [n for n in targets if isinstance(getattr(mods[n], "base_layer", mods[n]), Linear4bit)]
+        if config.init_lora_weights == "loftq" and quantized:   # LoftQ needs W0, which a 4-bit layer no longer has
+            raise TypeError(f"init_lora_weights='loftq' quantizes the float model itself, but {quantized[0]!r} is "
+                            "already 4-bit: call get_peft_model on the float model, without quantize_model (PEFT: "
+                            "\"you should not pass a quantized model in this case\")")
         saved = [n for n in names if module_name_matches(n, list(config.modules_to_save or []))]
         four = [n for n in saved if isinstance(mods[n], Linear4bit)]
         if four:
@@ -132,7 +137,7 @@ class LoraModel(Module):
             m = mods[name]
             kwargs = dict(r=config.r_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
                           init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                          use_dora=config.use_dora)
+                          use_dora=config.use_dora, loftq_config=config.loftq_config)
             if isinstance(m, LoRALinear):
                 if explicit_rng:
                     m.rng = rng                            # the layer draws A (and dropout masks) from it

@@ -282,7 +282,7 @@ def test_bad_arguments_raise_value_errors():
     for kw, msg in [({"r": 0}, r"\[1, 12\]"), ({"r": 13}, r"\[1, 12\]"), ({"r": 2.0}, "integer"),
                     ({"lora_alpha": 0}, "lora_alpha"), ({"lora_alpha": -1.0}, "lora_alpha"),
                     ({"lora_alpha": float("nan")}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
-                    ({"lora_dropout": -0.1}, "lora_dropout"), ({"init_lora_weights": "loftq"}, "init_lora_weights"),
+                    ({"lora_dropout": -0.1}, "lora_dropout"), ({"init_lora_weights": "eva"}, "init_lora_weights"),
                     ({"adapter_name": "a.b"}, "adapter_name")]:
         with pytest.raises(ValueError, match=msg):
             LoRALinear(base, **kw)

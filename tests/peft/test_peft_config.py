@@ -44,7 +44,7 @@ def test_defaults_are_peft_defaults():
     (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(lora_dropout=-0.1), "lora_dropout"),
     (dict(bias="some"), "Requested bias"),
-    (dict(init_lora_weights="loftq"), "not implemented in minilora"),
+    (dict(init_lora_weights="eva"), "not implemented in minilora"),
     (dict(peft_type="IA3"), "peft_type"),
     (dict(task_type="CAUSAL"), "task_type"),
     (dict(target_modules=".*c_attn", layers_to_transform=[0]), "cannot be used when `target_modules` is a str"),
