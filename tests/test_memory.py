@@ -150,8 +150,11 @@ def test_lora_sec42_gpt3_r4_checkpoint_18_9M_params_36MiB_paper_35MB_from_350GB(
 # ------------------------------------------------------------------------------------- the lecture notes' tables
 SQUARE_TABLE = {   # lecture notes: N params as one square layer, trainable params of LoRA at rank r, as printed
     1: ("167k", "228k", "529k", "849k"),
+    2: ("334k", "456k", "1M", "2M"),
     8: ("1M", "2M", "4M", "7M"),
+    16: ("3M", "4M", "8M", "14M"),
     512: ("86M", "117M", "270M", "434M"),
+    1024: ("171M", "233M", "542M", "869M"),
     8192: ("1.4B", "1.8B", "4.3B", "7.0B"),
 }
 
