@@ -59,9 +59,25 @@ MIN_8BIT_SIZE = 4096            # bnb: parameters with fewer elements keep float
 def fma32(a, b, c):
     """float32 fma(a, b, c) = a·b + c rounded once, exactly; a may be a float32 scalar. Returns a new float32 array.
 
-    a·b is exact in float64 (24 + 24 bits ≤ 53). s = a·b + c in float64 may round; TwoSum gives its error e exactly,
-    and if e ≠ 0 we move s to its odd neighbour towards the true sum (rounding to odd). With 53 ≥ 24 + 2 bits, the
-    final float32 rounding of a round-to-odd value equals the correctly rounded a·b + c: no double rounding."""
+    a·b is exact in float64 (24 + 24 bits ≤ 53), so s = a·b + c in float64 carries one rounding, and rounding s to
+    float32 equals rounding the exact sum except where s sits exactly on a float32 midpoint (its 29 dropped bits are
+    1000…0) or in float32's subnormal range. Only those few values take the exact path, `_fma32_exact`."""
+    xp = get_array_module(b)
+    s = xp.multiply(a, b, dtype=xp.float64)                               # a·b, exact
+    s += c                                                                # one rounding (53 bits)
+    low = xp.bitwise_and(s.view(xp.int64), 0x1FFFFFFF)                    # the bits float32 drops
+    risky = xp.flatnonzero((low == 0x10000000) | (xp.abs(s) < 2.0 ** -126))
+    out = s.astype(xp.float32)
+    if risky.size:
+        ar = a if xp.ndim(a) == 0 else a.reshape(-1)[risky]
+        out.reshape(-1)[risky] = _fma32_exact(ar, b.reshape(-1)[risky], c.reshape(-1)[risky])
+    return out
+
+
+def _fma32_exact(a, b, c):
+    """fma32 by rounding to odd, for every value: s = a·b + c in float64 may round; TwoSum gives its error e exactly,
+    and if e ≠ 0 we move s to its odd neighbour towards the true sum. With 53 ≥ 24 + 2 bits, the final float32
+    rounding of a round-to-odd value equals the correctly rounded a·b + c: no double rounding."""
     xp = get_array_module(b)
     f64 = xp.float64
     prod = xp.multiply(a, b, dtype=f64)                                   # exact

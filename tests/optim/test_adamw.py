@@ -251,3 +251,20 @@ def test_float32_states_bit_identical_and_parameters_within_an_ulp(kw):
         a, b = p.data, q.detach().numpy()
         assert np.abs(a - b).max() <= np.spacing(np.abs(b).max()), name
         assert np.mean(a == b) >= 0.9, name
+
+
+def test_fma32_fast_path_equals_round_to_odd():
+    """fma32 rounds the float64 sum directly except on float32 midpoints and subnormals; inputs built to land on
+    midpoints (a tiny c under an exactly representable a·b) and wide-range ones agree with the exact path bit for bit."""
+    from minilora.optim.adamw8bit import _fma32_exact, fma32
+    rng = np.random.default_rng(1)
+    n = 200_000
+    b = (rng.integers(1, 2 ** 12, n) * 2.0 ** -12 + 1).astype(np.float32)
+    tiny = (rng.standard_normal(n) * 2.0 ** -60).astype(np.float32)
+    wide = lambda: (rng.standard_normal(n) * 10.0 ** rng.uniform(-40, 38, n)).astype(np.float32)  # noqa: E731
+    naive = (np.multiply(np.float32(1 + 2 ** -12), b, dtype=np.float64) + tiny).astype(np.float32)
+    assert (naive != _fma32_exact(np.float32(1 + 2 ** -12), b, tiny)).sum() > 1000      # double rounding happens
+    for a, bb, c in [(np.float32(1 + 2 ** -12), b, tiny), (rng.standard_normal(n).astype(np.float32), b, tiny),
+                     (np.float32(0.1), wide(), wide())]:
+        with np.errstate(all="ignore"):
+            np.testing.assert_array_equal(fma32(a, bb, c).view(np.uint32), _fma32_exact(a, bb, c).view(np.uint32))
