@@ -255,7 +255,8 @@ def test_float32_states_bit_identical_and_parameters_within_an_ulp(kw):
 
 def test_fma32_fast_path_equals_round_to_odd():
     """fma32 rounds the float64 sum directly except on float32 midpoints and subnormals; inputs built to land on
-    midpoints (a tiny c under an exactly representable a·b) and wide-range ones agree with the exact path bit for bit."""
+    midpoints (a tiny c under an exactly representable a·b) and wide-range ones agree with the exact path, bit for
+    bit."""
     from minilora.optim.adamw8bit import _fma32_exact, fma32
     rng = np.random.default_rng(1)
     n = 200_000
