@@ -44,6 +44,7 @@ CFG = dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
 BATCH, SEQ = 8, 128
 TARGETS = ["c_attn", "c_proj", "c_fc"]           # every Linear except lm_head ("all-linear")
 R, ALPHA = 8, 16
+MODES = ("full", "lora", "qlora", "qlora+ckpt")  # qlora+ckpt: QLoRA with gradient checkpointing (the paper's setup)
 
 
 # ---- this machine --------------------------------------------------------------------------------------------------
@@ -57,6 +58,18 @@ def blas_threads() -> tuple[int, str]:
     except ImportError:
         pass
     return os.cpu_count() or 1, "unknown BLAS (pip install threadpoolctl to see it)"
+
+
+def cpu_kind() -> str:
+    """'AVX-512' or 'no AVX-512' (from /proc/cpuinfo) after the model name, or the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    return f"{model}, {'AVX-512' if 'avx512f' in info else 'no AVX-512'}"
 
 
 def matmul_rate(n=1024, repeats=7) -> float:
@@ -90,12 +103,14 @@ def build_minilora(mode: str):
     from minilora.nn import GPT, GPTConfig
     from minilora.optim import AdamW
     model = GPT(GPTConfig(**CFG, dtype="float32"))
-    if mode == "qlora":
+    if mode in ("qlora", "qlora+ckpt"):
         from minilora.peft import prepare_model_for_kbit_training, quantize_model
         model = prepare_model_for_kbit_training(quantize_model(model, quant_type="nf4", compress_statistics=True))
-    if mode in ("lora", "qlora"):
+    if mode in ("lora", "qlora", "qlora+ckpt"):
         from minilora.peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    if mode == "qlora+ckpt":       # as the QLoRA paper trains: each block's activations recomputed in the backward
+        model.gradient_checkpointing_enable()
     opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.0)
 
     def step(x, y):
@@ -247,7 +262,7 @@ def main(argv=None) -> int:
     threads, blas = blas_threads()
     rate = matmul_rate()
     print(f"NumPy {np.__version__} ({blas}), {threads} BLAS threads; float32 matmul 1024³: {rate:.1f} GFLOP/s; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU {cpu_kind()}")
     print(f"GPT {CFG['n_layer']} layers x {CFG['n_embd']} wide, {CFG['n_head']} heads, vocab {CFG['vocab_size']}; "
           f"batch {BATCH} x {SEQ} tokens; LoRA r={R} alpha={ALPHA} on {TARGETS}")
 
@@ -255,7 +270,7 @@ def main(argv=None) -> int:
     seqs = [rng.integers(0, CFG["vocab_size"], (BATCH, SEQ + 1)) for _ in range(4)]
     host = [(s[:, :-1].copy(), s[:, 1:].copy()) for s in seqs]             # (B, T) inputs, (B, T) next tokens
     cases, batches, available = {}, {}, {}
-    for mode in ("full", "lora", "qlora"):
+    for mode in MODES:
         try:
             model, _, step = build_minilora(mode)
         except (ImportError, AttributeError, NotImplementedError) as e:
@@ -295,7 +310,7 @@ def main(argv=None) -> int:
     for name in list(res):
         res[name]["first_loss"] = first_loss[name]
     mem = {}
-    for mode in ("full", "lora", "qlora"):
+    for mode in MODES:
         if f"minilora {mode}" in cases:
             mem[mode] = minilora_memory(mode, host)
             res[f"minilora {mode}"]["peak_mib"] = mem[mode]["peak_bytes"] / 2 ** 20
@@ -326,8 +341,12 @@ def main(argv=None) -> int:
     check("minilora LoRA / minilora full", lora / full if lora and full else None, 0.75)
     check("minilora full / floor", full / floor["full"] if full else None, 1.5)
     check("minilora QLoRA / minilora LoRA", qlora / lora if qlora and lora else None, 1.3)
-    check("QLoRA peak / full peak", mem["qlora"]["peak_bytes"] / mem["full"]["peak_bytes"]
-          if "qlora" in mem and "full" in mem else None, 0.35)
+    ck = med("minilora qlora+ckpt")
+    check("QLoRA+ckpt peak / full peak", mem["qlora+ckpt"]["peak_bytes"] / mem["full"]["peak_bytes"]
+          if "qlora+ckpt" in mem and "full" in mem else None, 0.35)
+    check("QLoRA+ckpt step / QLoRA step", ck / qlora if ck and qlora else None, math.inf)
+    check("QLoRA peak / full peak (no ckpt)", mem["qlora"]["peak_bytes"] / mem["full"]["peak_bytes"]
+          if "qlora" in mem and "full" in mem else None, math.inf)
     check("QLoRA persistent / full persistent",
           mem["qlora"]["arrays"]["total"] / mem["full"]["arrays"]["total"]
           if "arrays" in mem.get("qlora", {}) and "arrays" in mem.get("full", {}) else None, math.inf)
@@ -361,6 +380,7 @@ def main(argv=None) -> int:
                       f"{m['peak_bytes'] / 2 ** 20:7.2f} {(m['peak_bytes'] - a['total']) / 2 ** 20:10.2f}")
     if args.json:
         out = {"config": dict(CFG, batch=BATCH, seq=SEQ, r=R, alpha=ALPHA, targets=TARGETS), "threads": threads,
+               "cpu": cpu_kind(), "load_average": os.getloadavg(),
                "blas": blas, "matmul_gflops": rate, "floor_ms": floor, "cases": res,
                "memory": {k: {kk: vv for kk, vv in v.items()} for k, v in mem.items()},
                "checks": [dict(label=c[0], value=c[1], limit=None if c[2] == math.inf else c[2], verdict=c[3])

@@ -4,6 +4,7 @@
     minilora figures --quick          # the fast subset (what CI runs)
     minilora figures --only nf4_codebook --out /tmp/figs
     minilora figures --list
+    minilora figures --only scaling --from-run DIR   # from a `python benchmarks/bench_scaling.py --out DIR` result
 
 Each figure is one function below that computes its data with the minilora package itself (fixed seeds) and draws
 it with matplotlib's Agg backend. PNGs are written without a "Software" tag or timestamps, so the same code, the
@@ -231,6 +232,26 @@ def fig_real_weights(out: Path, ctx: dict) -> list:
     return [Path(p) for p in demo_plots.real_weight_figures(out)]
 
 
+def saved_scaling_result() -> Path:
+    """The bench_scaling.py result kept in the checkout (the one figures/scaling.png was drawn from)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scaling_results.json"
+
+
+def fig_scaling(out: Path, ctx: dict) -> list:
+    """LoRA step time and peak memory against width, sequence length and rank, minilora beside PyTorch + PEFT, from
+    a saved result: the first --from-run folder holding a scaling.json (`python benchmarks/bench_scaling.py --out
+    DIR`), else the checkout's benchmarks/bench_scaling_results.json. It never runs the benchmark (that needs torch
+    and PEFT, and minutes)."""
+    from minilora.apps.scaling_plots import scaling_figure
+    from minilora.io import load_json
+    found = [Path(r) / "scaling.json" for r in ctx.get("runs", ()) if (Path(r) / "scaling.json").is_file()]
+    source = found[0] if found else saved_scaling_result()
+    if not source.is_file():
+        raise ValueError(f"no saved scaling result ({source}); run `python benchmarks/bench_scaling.py --out DIR` "
+                         "and add --from-run DIR")
+    return [scaling_figure(load_json(source), out / "scaling.png")]
+
+
 @dataclasses.dataclass(frozen=True)
 class Figure:
     func: object
@@ -258,6 +279,9 @@ FIGURES = {
                    "minilora demo: loss curves, peak-memory bars, final-loss bars (runs the demo, ~5 min)"),
     "lora_rank_loss": Figure(fig_lora_rank_loss, False, ("demo_rank_sweep.png",),
                              "final loss vs LoRA rank r = 1..64 (runs minilora demo --sweep-rank)"),
+    "scaling": Figure(fig_scaling, False, ("scaling.png",),
+                      "LoRA step time and peak memory vs width, sequence length, rank; minilora beside PyTorch + PEFT "
+                      "(from a saved benchmarks/bench_scaling.py result)"),
 }
 
 
@@ -267,6 +291,8 @@ def _check_from_run(p, runs: list, names: list) -> None:
     from minilora.io import load_json
     results = []
     for run in runs:
+        if (Path(run) / "scaling.json").is_file() and not (Path(run) / "table.json").exists():
+            continue                                  # a benchmarks/bench_scaling.py folder: the scaling figure's
         try:
             result = load_json(Path(run) / "table.json")
         except (OSError, ValueError) as e:
@@ -298,7 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.add_argument("--from-run", action="append", default=[], metavar="DIR",
                    help="reuse a `minilora demo` run folder's table.json (demo and/or --sweep-rank) instead of "
-                        "running the demo again (repeatable); checked before any figure is drawn")
+                        "running the demo again, or a `benchmarks/bench_scaling.py --out` folder's scaling.json "
+                        "(repeatable); checked before any figure is drawn")
     add_threads_option(p)
     args = p.parse_args(argv)
     if args.list:
