@@ -168,16 +168,18 @@ def loftq_factors(W0, r, scaling, num_iter=1, quant_type="nf4", blocksize=64, co
     so the first step already beats plain QLoRA (‖W0 − Q_1 − s·B_1 A_1‖ < ‖W0 − Q0‖ whenever the residual is not 0,
     Eckart–Young) and later steps let the quantizer see the part the adapter will carry. As PEFT's `loftq_init`,
     √S_r goes to each side: B = U_r √S_r, A = √S_r V_rᵀ, and here both are divided by √s so that s·B A = U_r S_r V_rᵀ
-    for any lora_alpha. PEFT does not divide (its A, B are these times √s; the same when lora_alpha = r), so there a
-    scaling s ≠ 1 adds s − 1 times the low-rank fit on top of Q (huggingface/peft#1982).
+    for any lora_alpha. PEFT does not divide (its A, B are these times √s; the same when lora_alpha = r), so there
+    the model starts at Q + s·P with P the rank-r fit, and since ⟨W0 − Q, P⟩ = ‖P‖² its error is
+    ‖W0 − Q‖² − (2s − s²)‖P‖²: at lora_alpha = 2r no better than plain QLoRA, beyond that worse (huggingface/peft#1982).
 
     W0 (D_out, D_in) float -> (A (r, D_in), B (D_out, r), W_res (D_out, D_in)) in float32, as PEFT. W_res = W0 −
     s·B_{T-1} A_{T-1} is the last matrix quantized: the 4-bit base stores quantize_4bit(W_res) with these settings
     (deterministic, so the same codes Q_T came from). quant_type/blocksize/compress_statistics/nested_rounding are
     `quantize_4bit`'s; PEFT's loftq_init uses NF4, blocks of 64, no double quantization (the defaults here).
 
-    PEFT's `loftq_init` moves the weight to CUDA (or XPU) unconditionally, so it could not be run on this CPU-only
-    project: nothing here is compared with PEFT's output, the tests check the algorithm's properties instead."""
+    PEFT's `loftq_init` moves the weight to CUDA (or XPU) unconditionally, so it cannot run on this CPU-only project
+    as shipped; tests/peft/test_loftq_peft.py runs its source with that one line set to the CPU (bitsandbytes' CPU
+    NF4) and gets the same Q (bit for bit at T = 1, to float32 rounding after) and, at s = 1, the same A and B."""
     if W0.ndim != 2:
         raise ValueError(f"LoftQ factors a 2-D weight (D_out, D_in), got shape {tuple(W0.shape)}")
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(W0.shape):

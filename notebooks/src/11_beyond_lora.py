@@ -271,9 +271,9 @@ for name, model in models.items():
 # starting from $BA = 0$: the first step is plain NF4 plus the best rank-$r$ fit of what NF4 missed, and later
 # steps let the quantizer see the part the adapter will carry. The base becomes a 4-bit layer holding $Q$. It needs
 # the float model (`get_peft_model(float_model, LoraConfig(init_lora_weights="loftq", loftq_config=...))`);
-# `loftq_factors` is the function. PEFT's own `loftq_init` runs only on a CUDA device, so minilora's is checked by
-# these properties, not against PEFT's output. Every adapted layer of the tiny GPT at $r = 8$, NF4 in blocks of 64
-# without double quantization (as PEFT's LoftQ):
+# `loftq_factors` is the function. PEFT's own `loftq_init` sends the weight to a CUDA device; run on the CPU with
+# that one line changed, it gives the same $Q$, $A$ and $B$ (when `lora_alpha = r`: PEFT does not divide by $s$).
+# Every adapted layer of the tiny GPT at $r = 8$, NF4 in blocks of 64 without double quantization (as PEFT's LoftQ):
 
 # %%
 def nf4(W):

@@ -1,8 +1,9 @@
 """LoftQ (arXiv 2310.08659, init_lora_weights="loftq"): Q = NF4(W0 − s·B A) and s·B A = rank-r SVD of W0 − Q,
 alternated T times, so that Q + s·B A is closer to W0 than plain QLoRA's Q0 = NF4(W0) before any training.
 
-PEFT's own `loftq_init` moves the weight to CUDA unconditionally, so it cannot run on this CPU-only project and
-there is no parity test with it: these tests check the algorithm's defining properties instead."""
+These tests check the algorithm's defining properties. PEFT's own `loftq_init` moves the weight to CUDA
+unconditionally, so it cannot run here as shipped; tests/peft/test_loftq_peft.py runs its source with that one line
+set to the CPU and compares."""
 import copy
 import warnings
 
