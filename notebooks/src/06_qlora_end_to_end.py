@@ -402,7 +402,7 @@ for i in (SHOW := [40, 170]):
 #
 # - **code punctuation** — `tokenize` tokens `( ) [ ] { } = :` per 100 bytes;
 # - **Python identifiers** — `tokenize` NAME tokens that are `snake_case` (contain `_`) or `self`, per 100 bytes;
-# - **4-space indentation** — complete lines that start with a multiple of 4 spaces (the docs indent by 3);
+# - **4-space indentation** — complete lines indented by 4, 8, 12 or 16 spaces (the docs indent by 3);
 # - **lines that parse** — complete lines that `ast.parse` accepts as a statement (a trailing `:` gets a `pass`).
 #
 # (The Python-keyword rate is tempting but misleading here: `in`, `is`, `and`, `for` are English words too.) A
@@ -463,6 +463,15 @@ print(f"{'feature':<30} {'real docs':>10} {'real code':>10}")
 for f in FEATURES:
     print(f"{f:<30} {rate(real['docs'], f):>10.2f} {rate(real['code'], f):>10.2f}")
 assert all(rate(real["code"], f) > 1.5 * rate(real["docs"], f) for f in FEATURES)
+
+
+def commonest_indent(corpus):
+    widths = [len(ln) - len(ln.lstrip(" ")) for ln in decode(corpus.val).split("\n") if ln.strip()]
+    return max(set(widths) - {0}, key=widths.count)
+
+
+print(f"commonest indentation: docs {commonest_indent(docs)} spaces, code {commonest_indent(code)} spaces")
+assert (commonest_indent(docs), commonest_indent(code)) == (3, 4)
 
 # %% [markdown]
 # All four features are at least 1.5 times as frequent in real code as in the real docs, so each is a fair witness.
