@@ -444,13 +444,17 @@ def note_loftq(result: dict) -> list:
     if f:
         gap = q["code_bits_before"] - f["code_bits_before"]
         start += f" and {f['code_bits_before']:.3f} for the float base"
-        if gap > 0:
-            start += f": {(q['code_bits_before'] - lq['code_bits_before']) / gap:.0%} of the 4-bit gap closed"
+        share = (q["code_bits_before"] - lq["code_bits_before"]) / gap if gap > 0 else None
+        if share is not None:
+            start += (": the whole 4-bit gap closed" if share >= 1 else f": {share:.0%} of the 4-bit gap closed")
     diff = lq["code_bits_after"] - q["code_bits_after"]
     return [f"LoftQ (arXiv 2310.08659: a quantization-aware start closes part of the gap to the float model; its "
             f"gains are largest at 2-3 bits, small at 4): {start}; after fine-tuning {lq['code_bits_after']:.3f} vs "
-            f"{q['code_bits_after']:.3f} ({diff:+.3f}). The LoftQ row's base is NF4 without double quantization (as "
-            "PEFT's LoftQ), so its frozen base is a little larger."]
+            f"{q['code_bits_after']:.3f} ({diff:+.3f}) -> "
+            + ("LoftQ stays ahead." if diff < 0 else "the head start does not last at this budget (at 4 bits the "
+               "paper's gains are small too).")
+            + " The LoftQ row's base is NF4 without double quantization (as PEFT's LoftQ), so its frozen base is a "
+            "little larger."]
 
 
 def note_targets(result: dict) -> list:
