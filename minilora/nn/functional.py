@@ -71,7 +71,7 @@ def layernorm_forward(x, w, b=None, eps=1e-5):
     mean = x.mean(axis=-1, keepdims=True)          # (N, 1)
     xc = x - mean                                  # (N, C)
     # biased variance (as torch): Σ xc² / C per row, as N (1, C)·(C, 1) products: one pass, no (N, C) square
-    var = (xc[:, None, :] @ xc[:, :, None])[:, 0] / xc.shape[-1]   # (N, 1)
+    var = (xc[..., None, :] @ xc[..., :, None])[..., 0] / xc.shape[-1]   # (N, 1)
     rstd = 1.0 / get_array_module(x).sqrt(var + eps)   # (N, 1)
     xc *= rstd                                     # (N, C)  x̂, normalised in place
     y = xc * w                                     # (N, C)
@@ -88,7 +88,7 @@ def layernorm_backward(dy, cache, w, need_dw=True, need_db=True):
     dw = (dy * xhat).sum(axis=0) if need_dw else None   # (C,)
     db = dy.sum(axis=0) if need_db else None       # (C,)
     g = dy * w                                     # (N, C)
-    gx = (g[:, None, :] @ xhat[:, :, None])[:, 0] / xhat.shape[-1]   # (N, 1)  mean(g ⊙ x̂) per row, one pass
+    gx = (g[..., None, :] @ xhat[..., :, None])[..., 0] / xhat.shape[-1]   # (N, 1)  mean(g ⊙ x̂) per row, one pass
     dx = g                                         # (N, C)  g is ours: finished in place
     dx -= g.mean(axis=-1, keepdims=True)
     dx -= xhat * gx                                # (N, C)
