@@ -73,6 +73,9 @@ def check_adapter_name(name) -> str:
         raise ValueError(f"adapter_name {name!r} must be one plain folder name without {bad} (no '.', '/', '\\', "
                          "':' or control characters): adapters other than 'default' are saved in a sub-folder "
                          "named after them")
+    if hasattr(ModuleDict, name) or name in vars(ModuleDict()):
+        raise ValueError(f"adapter_name {name!r} is the name of a ModuleDict attribute or method (as torch, a "
+                         "ModuleDict refuses such keys); choose another name")
     return name
 
 

@@ -176,3 +176,11 @@ def test_generate_refuses_an_empty_prompt():
     m = GPT(GPTConfig(**CFG))
     with pytest.raises(ValueError, match="empty"):
         m.generate(np.zeros((1, 0), dtype=np.int64), 2, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name", ["eval", "training", "keys", "items", "forward"])
+def test_adapter_names_that_are_module_attributes_are_a_value_error(name):
+    """A ModuleDict refuses a key that is one of its attributes (as torch's does); the name check says so first."""
+    from minilora.nn.lora import check_adapter_name
+    with pytest.raises(ValueError, match="ModuleDict attribute"):
+        check_adapter_name(name)
