@@ -17,6 +17,10 @@ of the Linear layers and N = B·T tokens, full fine-tuning costs 6·N·P (forwar
 dW) plus attention (12·B·T²·C per layer: QKᵀ and AV, forward and backward); LoRA skips the frozen weights' dW, so
 4·N·P plus attention plus the small adapters.
 
+QLoRA runs twice: as is, and with gradient checkpointing (model.gradient_checkpointing_enable(), as the QLoRA paper
+trains): each block keeps only its input and recomputes its activations in the backward. Its peak is checked
+against <= 0.35x full fine-tuning's, with its step time next to QLoRA's.
+
 Peak memory: tracemalloc is on from before the model is built (NumPy reports every array buffer to tracemalloc), so
 after a warm-up step `reset_peak()` + one more step gives the largest total of live NumPy buffers during a step:
 weights (the 4-bit base for QLoRA), gradients, optimizer states, the activations cached for the backward pass and
