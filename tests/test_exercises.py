@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "exercises"
 SOLUTIONS = EXERCISES / "solutions"
 MODULES = ["ex01_lora", "ex02_int8", "ex03_nf4", "ex04_double_quant", "ex05_lora_backprop", "ex06_merge",
-           "ex07_paging", "ex08_memory", "ex09_backend"]
+           "ex07_paging", "ex08_memory", "ex09_backend", "ex11_beyond_lora"]
 
 
 def _load_mutants():

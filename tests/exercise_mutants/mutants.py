@@ -129,4 +129,14 @@ MUTANTS = [
     dict(id="m09_to_numpy_no_get", module="ex09_backend", grader="test_to_numpy",
          edits=[('    if type(x).__module__.split(".")[0] == "cupy":\n        return x.get()\n', "")],
          why="device arrays wrapped by numpy.asarray instead of copied with .get()"),
+    # --- ex11_beyond_lora ------------------------------------------------------------------------------------------
+    dict(id="m11_dora_column_norm", module="ex11_beyond_lora", grader="test_dora_weight",
+         edits=[("n = np.linalg.norm(V, axis=1)", "n = np.linalg.norm(V, axis=0)")],
+         why="the norm taken per input column (the paper's (in, out) layout) instead of per output row"),
+    dict(id="m11_pissa_no_scaling", module="ex11_beyond_lora", grader="test_pissa_init",
+         edits=[("root = np.sqrt(S[:r] / scaling)", "root = np.sqrt(S[:r])")],
+         why="S_r not divided by s: s·B A is s times W0's rank-r part and the residual is wrong"),
+    dict(id="m11_adam8bit_floor_blocks", module="ex11_beyond_lora", grader="test_adam8bit_state_bytes",
+         edits=[("blocks = math.ceil(numel / 256)", "blocks = numel // 256")],
+         why="the short last block gets no absmax"),
 ]
