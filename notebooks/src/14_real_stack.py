@@ -13,20 +13,22 @@
 # - load an adapter trained in minilora with `peft.PeftModel.from_pretrained` and get the same logits.
 #
 # **Prerequisites:** notebooks 01 and 05 (LoRA's forward and backward pass) and 06 (a fine-tune end to end); the
-# stack itself needs `torch`, `transformers` and `peft` (`pip install -e '.[test]'`). Without them every cell still
-# runs and says it skipped. **Time:** about 30 minutes (the cells run in well under a minute).
+# stack needs `torch`, `transformers` and `peft` (`pip install -e '.[test]'`), §5 also `bitsandbytes`. Without
+# them every cell still runs and says it skipped. **Time:** about 30 minutes (the cells run in well under a minute).
 #
 # The plan:
 #
 # 1. export the shipped base and load it in transformers: the same bytes, the same logits;
 # 2. the same LoRA (r = 8) on both sides, from the same initial $A$ and $B$;
 # 3. 20 training steps in float64 on the same batches: both loss curves on one axis, and their difference;
-# 4. the adapter minilora saves, loaded by PEFT: the same logits.
+# 4. the adapter minilora saves, loaded by PEFT: the same logits;
+# 5. the 4-bit NF4 base in bitsandbytes: the same codes, the same logits.
 
 # %%
 # %matplotlib inline
 import dataclasses
 import importlib.util
+import logging
 import pathlib
 import platform
 import tempfile
@@ -50,7 +52,6 @@ plt.rcParams["figure.dpi"] = 80
 HAVE_STACK = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 SKIPPED = "skipped: torch/transformers/peft are not installed (pip install -e '.[test]')"
 if HAVE_STACK:
-    import logging
     logging.disable(logging.WARNING)          # optional-kernel notices printed while peft imports bitsandbytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # tqdm's notice that ipywidgets is absent (no progress bars here)
@@ -234,6 +235,42 @@ else:
     print(SKIPPED)
 
 # %% [markdown]
+# ## 5. The 4-bit base: bitsandbytes' NF4
+#
+# QLoRA's frozen base is NF4 with double quantization. `quantize_model` makes minilora's, `export_hf` writes its
+# codes and statistics under bitsandbytes' names (with `nested_rounding="bnb-cpu"`, the statistics are rounded the
+# way bitsandbytes' CPU code rounds them), and `from_pretrained` loads them as bitsandbytes `Linear4bit` layers. The
+# 16 layers' packed codes are identical, and in train mode (bitsandbytes' float32 dequantize path) the logits agree
+# within 1e-4. In eval mode, on a CPU with AVX-512 bfloat16, bitsandbytes repacks the weights with bfloat16
+# statistics and the logits move (`docs/real_stack.md`).
+
+# %%
+HAVE_BNB = HAVE_STACK and importlib.util.find_spec("bitsandbytes") is not None
+if HAVE_BNB:
+    from minilora.nn.linear4bit import Linear4bit
+    from minilora.peft import quantize_model
+    q_ours = quantize_model(minilora.load_base()[0], nested_rounding="bnb-cpu")       # minilora's NF4 base (QLoRA)
+    export_hf(q_ours, WORK / "nf4")
+    logging.disable(logging.WARNING)               # bitsandbytes' notice about optional CPU kernels
+    hf_nf4 = transformers.GPT2LMHeadModel.from_pretrained(WORK / "nf4", device_map="cpu").train()
+    logging.disable(logging.NOTSET)
+    ours4 = {n: m for n, m in q_ours.named_modules() if isinstance(m, Linear4bit)}
+    theirs4 = {n: m for n, m in hf_nf4.named_modules() if type(m).__name__ == "Linear4bit"}
+    same_codes = sorted(ours4) == sorted(theirs4) and all(
+        np.array_equal(np.asarray(m.weight.data), theirs4[n].weight.data.numpy()) for n, m in ours4.items())
+    code_bytes = sum(np.asarray(m.weight.data).nbytes for m in ours4.values())
+    with torch.no_grad():
+        their4 = hf_nf4(torch.from_numpy(probe)).logits.numpy()
+    d4 = float(np.abs(np.asarray(q_ours(probe)[0]) - their4).max())
+    print(f"{len(theirs4)} Linear4bit layers in transformers; packed 4-bit codes identical ({code_bytes:,} bytes): "
+          f"{same_codes}")
+    print(f"NF4 base, float32 logits: max |minilora - transformers + bitsandbytes| = {d4:.1e}")
+    assert same_codes and len(theirs4) == 16 and d4 <= 1e-4
+else:
+    print("skipped: bitsandbytes (or torch/transformers/peft) is not installed")
+
+
+# %% [markdown]
 # ## Recap
 #
 # - `export_hf` writes the base as a transformers GPT-2 folder; after `from_pretrained` every tensor is identical,
@@ -243,9 +280,10 @@ else:
 # - Twenty float64 steps of minilora's `AdamW` and `torch.optim.AdamW` on the same batches give the same losses and
 #   the same final adapter within 1e-10: the loss curves coincide, and their difference is rounding.
 # - An adapter trained in minilora loads into PEFT with `PeftModel.from_pretrained` and gives the same logits.
+# - minilora's NF4 base crosses to bitsandbytes with identical packed codes, and float32 logits within 1e-4.
 #
 # In float32 the two stacks are close but not bit-identical (matmuls and reductions round in a different order);
-# `docs/real_stack.md` states those bounds, and the 4-bit (bitsandbytes NF4) base.
+# `docs/real_stack.md` states those bounds, also for QLoRA training on the NF4 base.
 #
 # ## Exercises
 #
