@@ -9,9 +9,12 @@
 # **After this notebook you can**
 # - write DoRA's weight $W' = m \odot (W_0 + sBA)/\lVert W_0 + sBA\rVert$ and check it against a DoRA layer's output;
 # - say which gradient term DoRA drops by detaching the norm, and measure it;
+# - see on one layer how DoRA's updates differ from LoRA's: LoRA moves a row's length and direction together, DoRA
+#   moves the length on its own (Figure 1);
 # - explain why a PiSSA or OLoRA adapter is not zero at step 0 while the model is still unchanged (the residual base);
 # - run LoftQ's alternation (quantize, then fit the rest with a rank-$r$ SVD) and measure how much closer
-#   $Q + sBA$ starts to $W_0$ than plain QLoRA's 4-bit base;
+#   $Q + sBA$ starts to $W_0$ than plain QLoRA's 4-bit base, and compare it with quantizing PiSSA's residual
+#   (Table 1);
 # - count the bytes of AdamW's and 8-bit AdamW's states, measure the 8-bit states' quantization error over a short
 #   fine-tune, and read the memory saved at 7B and 65B from the calculator.
 #
@@ -30,9 +33,12 @@
 # | 8-bit AdamW | Dettmers et al., 2021 (2110.02861) | `minilora.optim.AdamW8bit`, `PagedAdamW8bit` |
 
 # %%
+# %matplotlib inline
 import platform
 import time
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
@@ -40,7 +46,7 @@ from minilora import memory
 from minilora.backend import default_rng
 from minilora.data import LN2, load_corpus
 from minilora.nn import Linear, LoRALinear
-from minilora.nn.lora import loftq_factors
+from minilora.nn.lora import loftq_factors, pissa_factors
 from minilora.nn.parameter import Parameter
 from minilora.optim import AdamW, AdamW8bit, PagedAdamW8bit, get_constant_schedule_with_warmup
 from minilora.optim.paged_pool import PagedPool
@@ -50,8 +56,9 @@ from minilora.quant import create_dynamic_map, dequantize_4bit, quantize_4bit
 from minilora.quant.blockwise import dequantize_blocks, quantize_blocks_lut
 from minilora.train import evaluate, train
 
-print(f"python {platform.python_version()} | numpy {np.__version__} | minilora {minilora.__version__} "
-      f"| backend {minilora.get_backend()}")
+print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
+      f"| minilora {minilora.__version__} | backend {minilora.get_backend()}")
+plt.rcParams["figure.dpi"] = 80
 SEED, STEPS, BATCH, BLOCK, EVAL_WINDOWS, LR = 0, 30, 4, 64, 8, 1e-3     # notebook 06's short fine-tune
 rng = np.random.default_rng(0)
 base, meta = load_base()
@@ -188,6 +195,93 @@ print(f"at step 0 DoRA is the base model: max |logits(DoRA) - logits(base)| = "
 assert n_lora == 65_536 and n_dora - n_lora == 4 * 1152 and np.abs(dora(idx)[0] - base(idx)[0]).max() < 1e-4
 
 # %% [markdown]
+# ### How DoRA updates differently from LoRA
+#
+# The DoRA paper's analysis (§3, its Figure 2) follows each output row of the adapted weight during training and
+# splits its change into a **magnitude** change $\Delta M = \big|\,\lVert W'_o\rVert - \lVert W_{0,o}\rVert\,\big|$
+# and a **direction** change $\Delta D = 1 - \cos(W'_o, W_{0,o})$. With LoRA both come from the same $sBA$, so a row
+# that turns also changes length and the two move together; DoRA has a separate knob for the length. We train one
+# layer (64 → 32, $r = 4$, $\alpha = 8$) both ways from the same start ($A$ from the same seed, $B = 0$,
+# $m_0 = \lVert W_0\rVert$) on the same 40 batches, to fit a target that changes every row's length (×(1 ± 0.5))
+# and turns it slightly (a rank-4 change), with AdamW on the mean squared error, and record $(\Delta D, \Delta M)$ of
+# every row at steps 5, 10, 20 and 40.
+
+# %%
+D_IN, D_OUT, R_FIG, LR_FIG, CHECKPOINTS = 64, 32, 4, 5e-3, (5, 10, 20, 40)
+g_fig = np.random.default_rng(3)
+W0_fig = g_fig.standard_normal((D_OUT, D_IN)) / np.sqrt(D_IN)                    # (D_out, D_in)
+turn = g_fig.standard_normal((D_OUT, R_FIG)) @ g_fig.standard_normal((R_FIG, D_IN)) / np.sqrt(D_IN * R_FIG)
+W_target = (1 + 0.5 * g_fig.standard_normal(D_OUT))[:, None] * (W0_fig + 0.3 * turn)   # (D_out, D_in)
+batches = [g_fig.standard_normal((32, D_IN)) for _ in range(CHECKPOINTS[-1])]     # (N, D_in) each, shared by both
+
+
+def row_changes(W):
+    """(ΔD, ΔM) per output row of W against W0_fig: 1 - cos and |‖W_o‖ - ‖W0_o‖|, each (D_out,)."""
+    n, n0 = np.linalg.norm(W, axis=1), np.linalg.norm(W0_fig, axis=1)
+    return 1 - np.sum(W * W0_fig, axis=1) / (n * n0), np.abs(n - n0)
+
+
+def fit_layer(use_dora):
+    """AdamW on the mean squared error to x W_targetᵀ; returns {step: (ΔD, ΔM)} at the checkpoints."""
+    lay = LoRALinear(Linear.from_weight(W0_fig.copy()), r=R_FIG, lora_alpha=2 * R_FIG, use_dora=use_dora,
+                     rng=np.random.default_rng(5))
+    opt = AdamW([(k, p) for k, p in lay.named_parameters() if p.requires_grad], lr=LR_FIG, weight_decay=0.0)
+    out = {}
+    for t, xb in enumerate(batches, start=1):
+        y = lay(xb)                                                               # (N, D_out)
+        lay.zero_grad()
+        lay.backward(2 * (y - xb @ W_target.T) / y.size)
+        opt.step()
+        if t in CHECKPOINTS:
+            A_fig, B_fig = lay.lora_A["default"].weight.data, lay.lora_B["default"].weight.data
+            W_eff = W0_fig + lay.scaling["default"] * B_fig @ A_fig              # (D_out, D_in)  V = W0 + sBA
+            if use_dora:                                                          # W' = m ⊙ V / ‖V‖
+                m_fig = lay.lora_magnitude_vector["default"].weight.data
+                W_eff = (m_fig / np.linalg.norm(W_eff, axis=1))[:, None] * W_eff
+            out[t] = row_changes(W_eff)
+    return out
+
+
+tracks = {"LoRA": fit_layer(False), "DoRA": fit_layer(True)}
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, sharey=True)
+for ax, (name, track) in zip(axes, tracks.items(), strict=True):
+    for t, (dD, dM) in track.items():
+        ax.scatter(dD, dM, s=12, label=f"step {t}")
+    ax.set(title=name, xlabel="direction change ΔD = 1 - cos")
+axes[0].set_ylabel("magnitude change ΔM")
+axes[1].legend()
+fig.suptitle("Figure 1: per-row change of one layer, LoRA vs DoRA (same start, same batches)")
+plt.tight_layout()
+plt.show()
+print(f"{'step':>4} {'LoRA mean dD':>12} {'mean dM':>8} {'corr':>5}   {'DoRA mean dD':>12} {'mean dM':>8} {'corr':>5}")
+corr = {name: {} for name in tracks}
+for t in CHECKPOINTS:
+    cells = []
+    for name, track in tracks.items():
+        dD, dM = track[t]
+        corr[name][t] = np.corrcoef(dD, dM)[0, 1]
+        cells.append(f"{dD.mean():>12.4f} {dM.mean():>8.4f} {corr[name][t]:>5.2f}")
+    print(f"{t:>4} " + "   ".join(cells))
+early = CHECKPOINTS[1]
+lora_dD, lora_dM = (v.mean() for v in tracks["LoRA"][early])
+dora_dD, dora_dM = (v.mean() for v in tracks["DoRA"][early])
+print(f"at step {early}: about the same turn (dD {lora_dD:.4f} vs {dora_dD:.4f}), DoRA's lengths moved "
+      f"{dora_dM / lora_dM:.1f}x as far as LoRA's")
+assert all(corr["LoRA"][t] > corr["DoRA"][t] + 0.1 for t in CHECKPOINTS)
+assert abs(dora_dD / lora_dD - 1) < 0.2 and dora_dM > 2 * lora_dM
+assert all(0.8 < tracks["DoRA"][t][1].mean() / (LR_FIG * t) <= 1.0 for t in CHECKPOINTS)   # about lr per step
+
+# %% [markdown]
+# With LoRA the rows that turn most are the rows whose length changes most (a correlation of 0.65 to 0.8 at every
+# checkpoint): the only way to change a row is to add a piece of $sBA$ to it, and that piece changes both. DoRA's
+# points lie in horizontal bands: every row's length moves by about the same amount whatever its turn, because $m$ is
+# a parameter of its own and Adam moves each entry by about its learning rate per step ($5\cdot 10^{-3} \times 40 =
+# 0.2$ at step 40; the mean is 80 to 100 % of that at every checkpoint). At the same turn ($\Delta D = 0.0027$ after
+# 10 steps for both) DoRA's lengths have moved 3 times as far as LoRA's. The correlation DoRA's rows build up (0.39 by
+# step 40) stays below LoRA's. The paper reports the contrast on large models as a positive slope for LoRA and a
+# negative one for DoRA and full fine-tuning; this toy layer shows the decoupling, not the negative slope.
+
+# %% [markdown]
 # ## 2. PiSSA and OLoRA: start the adapter on the base weight's main directions
 #
 # LoRA starts with $B = 0$, so the adapter begins as nothing and its first steps point wherever $A$'s random rows
@@ -282,8 +376,9 @@ def nf4(W):
 
 
 s_loftq = lora_cfg["lora_alpha"] / lora_cfg["r"]                         # s = 16 / 8
-err = {"NF4": 0.0, "T=1": 0.0, "T=5": 0.0}                                # squared errors summed over the layers
-print(f"{'layer':<14} {'|W0 - Q0|':>9} {'LoftQ T=1':>10} {'T=5':>6}   (as a share of |W0 - Q0|)")
+err = {"NF4": 0.0, "T=1": 0.0, "T=5": 0.0, "PiSSA": 0.0}                  # squared errors summed over the layers
+print("Table 1: |W0 - (Q + sBA)| at step 0 per layer, r = 8; the last three columns as a share of plain NF4's")
+print(f"{'layer':<20} {'shape':>10} {'NF4 alone':>9} {'LoftQ T=1':>10} {'T=5':>6} {'PiSSA, NF4(W_res)':>18}")
 for name, lin in base.named_modules():
     if name.startswith("transformer.h.") and name.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc"):
         W = lin.weight.data                                               # (D_out, D_in)
@@ -291,22 +386,30 @@ for name, lin in base.named_modules():
         for T in (1, 5):
             A, B, W_res = loftq_factors(W, 8, s_loftq, T)                 # (8, D_in), (D_out, 8), (D_out, D_in)
             row[f"T={T}"] = np.linalg.norm(W - (nf4(W_res) + s_loftq * B @ A))   # the base stores NF4(W_res) = Q
+        A, B, W_res = pissa_factors(W, 8, s_loftq)                         # top-8 SVD; W_res = W0 - sBA
+        row["PiSSA"] = np.linalg.norm(W - (nf4(W_res) + s_loftq * B @ A))  # = |W_res - NF4(W_res)|
         for k in err:
             err[k] += row[k] ** 2
-        assert row["T=5"] < row["T=1"] < row["NF4"]
-        if name.startswith("transformer.h.0."):
-            print(f"{name[16:]:<14} {row['NF4']:>9.3f} {row['T=1'] / row['NF4']:>10.1%} "
-                  f"{row['T=5'] / row['NF4']:>6.1%}")
+        assert row["PiSSA"] < row["T=5"] < row["T=1"] < row["NF4"]         # the order of the columns, every layer
+        print(f"{name[14:]:<20} {'x'.join(map(str, W.shape)):>10} {row['NF4']:>9.3f} {row['T=1'] / row['NF4']:>10.1%} "
+              f"{row['T=5'] / row['NF4']:>6.1%} {row['PiSSA'] / row['NF4']:>18.1%}")
 ratio = {k: np.sqrt(v / err["NF4"]) for k, v in err.items()}
-print(f"all 16 layers: |W0 - (Q + sBA)| is {ratio['T=1']:.1%} of plain NF4's after one iteration, "
-      f"{ratio['T=5']:.1%} after five")
+print(f"{'all 16 layers':<20} {'':>10} {np.sqrt(err['NF4']):>9.3f} {ratio['T=1']:>10.1%} {ratio['T=5']:>6.1%} "
+      f"{ratio['PiSSA']:>18.1%}")
 assert round(ratio["T=1"], 3) == 0.921 and round(ratio["T=5"], 3) == 0.832
+assert ratio["PiSSA"] < ratio["T=5"] < ratio["T=1"] < 1
 
 # %% [markdown]
-# One SVD step removes 8 % of the quantization error, five remove 17 % (the paper's gains are largest at 2 and 3
-# bits, where the error is much larger). On the whole model: plain QLoRA (the same NF4 base, $B = 0$) against LoftQ
-# with $T = 5$, the distance of the logits to the float model's and the loss at step 0, and the loss after the same
-# 30-step fine-tune:
+# Table 1 orders the four starts the same way on every one of the 16 layers: plain NF4 > LoftQ $T = 1$ > $T = 5$ >
+# PiSSA's quantized residual. One SVD step removes 8 % of the quantization error, five remove 17 % (the paper's gains
+# are largest at 2 and 3 bits, where the error is much larger). Quantizing PiSSA's residual instead (the QPiSSA
+# variant of the PiSSA paper: the adapter holds $W_0$'s top 8 singular directions in full precision, the base holds
+# NF4 of the rest) starts closer still here. Its error is that of quantizing $W_{res}$ alone; a plausible reason
+# it is smaller (not measured here) is that the residual has lost its largest directions, so NF4's absmax-scaled
+# blocks have smaller steps. It is a different adapter, though: PiSSA's trains the principal directions, LoftQ's the
+# quantization error, so "closer at step 0" does not by itself rank them after training. On the whole model: plain
+# QLoRA (the same NF4 base, $B = 0$) against LoftQ with $T = 5$, the distance of the logits to the float model's and
+# the loss at step 0, and the loss after the same 30-step fine-tune:
 
 # %%
 runs = {"QLoRA NF4": get_peft_model(quantize_model(load_base()[0], compress_statistics=False),
@@ -472,14 +575,24 @@ assert share > 0.5
 # - PiSSA and OLoRA start the adapter on $W_0$'s top singular directions / first QR directions and freeze the
 #   residual $W_0 - sBA$: the model is unchanged at step 0 although the adapter is not zero. PiSSA's adapter holds
 #   $W_0$'s best rank-$r$ approximation.
+# - DoRA's updates differ from LoRA's: with LoRA a row's length and direction change together, DoRA moves the
+#   lengths on their own (Figure 1: about 3x as far at the same turn after 10 steps on one layer).
 # - LoftQ alternates $Q = \mathrm{NF4}(W_0 - sBA)$ and a rank-$r$ SVD of $W_0 - Q$, so that a QLoRA model starts
 #   nearer its float model: on the tiny GPT the weight error falls to 92 % of plain NF4's after one iteration and
-#   83 % after five.
+#   83 % after five; quantizing PiSSA's residual starts closer still (Table 1).
 # - 8-bit AdamW stores $m$ and $v$ as one-byte dynamic-map codes with a float32 absmax per 256: 8 → 2.03 bytes per
 #   parameter, a round-trip error of a few percent, and a short fine-tune that ends where the 32-bit one does;
 #   paging it changes no bit. For QLoRA it saves 0.95 GB at 7B and 4.77 GB at 65B.
 #
 # ## Exercises
+#
+# **Graded:** `exercises/ex11_beyond_lora.py` asks for three functions, each compared with minilora's own code:
+# `dora_weight` (DoRA's $W' = m \odot (W_0 + sBA)/n$ with row norms, as a merged DoRA layer), `pissa_init`
+# (PiSSA's $A$, $B$ and $W_{res}$, as `minilora.nn.lora.pissa_factors`) and `adam8bit_state_bytes` (the bytes of
+# 8-bit AdamW's states for one parameter, as `AdamW8bit` allocates them). Check your work with
+# `python3 -m pytest exercises/test_ex11_beyond_lora.py`.
+#
+# **To explore:**
 #
 # 1. Take the DoRA layer of §1 and apply one SGD step to $A$ with the exact gradient and one with the detached
 #    gradient. By how much does the loss differ after the step, compared with the change the step itself made? Then
