@@ -19,7 +19,7 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_lora_from_scratch", "02_absmax_int8", "03_nf4", "04_double_quantization", "05_lora_backprop",
             "06_qlora_end_to_end", "07_paged_optimizers", "08_memory_at_scale", "09_gpu_switch",
             "10_misconceptions", "11_beyond_lora", "12_alpha_and_forgetting",
-            "13_peft_methods", "14_real_stack"]
+            "13_peft_methods", "14_real_stack", "15_precision_and_metrics"]
 
 
 def _builder():
