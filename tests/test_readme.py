@@ -37,3 +37,19 @@ def test_the_readme_quick_start_is_two_commands():
     blocks = fenced(quick, "bash")
     assert [b.strip() for b in blocks[:2]] == ['pip install -e . && minilora demo',
                                                'python3 -m pip install -e ".[test]" && python3 -m pytest']
+
+
+def test_every_docs_section_reference_resolves():
+    """A comment, test or doc that cites `docs/<name>.md §N.M` points at a heading that exists."""
+    import subprocess
+    out = subprocess.run(["git", "grep", "-hIoE", r"docs/[a-z_]+\.md §[0-9]+(\.[0-9]+)*"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    refs = set(out.split("\n")) - {""}
+    assert refs, "expected some docs/…md § references"
+    missing = []
+    for ref in sorted(refs):
+        doc, sec = ref.split(" §")
+        headings = re.findall(r"^#+ ([0-9.]+)[ .]", (ROOT / doc).read_text(encoding="utf-8"), re.M)
+        if sec not in {h.rstrip(".") for h in headings}:
+            missing.append(ref)
+    assert missing == [], f"references to sections that do not exist: {missing}"
