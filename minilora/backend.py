@@ -270,6 +270,9 @@ class _StrictNumpy(types.ModuleType):
             attr = _StrictUfunc(attr)
         elif callable(attr) and not isinstance(attr, type):
             attr = _strict_function(attr, name)
+        elif name == "linalg":                         # cupy.linalg: the same functions, on device arrays
+            attr = types.SimpleNamespace(**{f: _strict_function(getattr(numpy.linalg, f), f"linalg.{f}")
+                                            for f in numpy.linalg.__all__ if f[0].islower()})
         elif isinstance(attr, types.ModuleType):
             raise AttributeError(f"numpy.{name} is not wrapped by the strict backend; add it to minilora.backend")
         setattr(self, name, attr)                      # looked up once
