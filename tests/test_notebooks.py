@@ -1,5 +1,9 @@
 """Every course notebook runs top to bottom (nbclient) without error, and keeps its outputs for readers.
 
+Each also runs to the end on the numpy-strict backend (MINILORA_BACKEND=numpy-strict), which refuses every host/device
+mix that CuPy refuses: the notebooks teach code that would run on a GPU, bringing host data in with asarray and taking
+results out with to_numpy.
+
 A stale or broken notebook cannot land: CI executes each one in a fresh kernel from the notebooks/ folder, checks
 that the committed .ipynb matches its source in notebooks/src/ (rebuild with `python notebooks/build_notebooks.py`),
 and that running it leaves figures/ untouched (only `minilora figures` writes there)."""
@@ -50,6 +54,22 @@ def test_notebook_runs_top_to_bottom(path):
     elapsed = time.perf_counter() - t0
     assert _figures_snapshot() == before, f"{path.name} wrote into figures/ (only `minilora figures` may)"
     assert elapsed < 180, f"{path.name} took {elapsed:.0f} s; a notebook must run in about a minute"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_on_the_strict_backend(path):
+    """The same notebook, executed (not saved) with MINILORA_BACKEND=numpy-strict: a host array meeting a library
+    array anywhere raises TypeError, as it would on CuPy. Its asserts on stated numbers must hold there too."""
+    nb = nbformat.read(path, as_version=4)
+    env = dict(_builder().kernel_env(), MINILORA_BACKEND="numpy-strict")
+    before = _figures_snapshot()
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute(env=env)
+    backend = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "backend " in o.get("text", "")]
+    assert backend and "backend numpy-strict" in backend[0], f"{path.name} did not report the strict backend"
+    assert _figures_snapshot() == before, f"{path.name} wrote into figures/ (only `minilora figures` may)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

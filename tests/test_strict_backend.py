@@ -37,9 +37,14 @@ def test_ufuncs_functions_and_stores_refuse_host_arrays_and_name_the_operation()
              "concatenate": lambda: strict.concatenate([x, host]), "where": lambda: strict.where(x > 1, x, host),
              "copyto": lambda: strict.copyto(x, host), "__setitem__": lambda: x.__setitem__(slice(None), host),
              "sqrt": lambda: strict.sqrt(x, out=host), "subtract": lambda: strict.subtract(host, host)}
+    mixes["linalg.solve"] = lambda: strict.linalg.solve(strict.eye(4), host)          # xp.linalg, as cupy.linalg
     for op, call in mixes.items():
         with pytest.raises(TypeError, match=op):
             call()
+    u, s, vh = strict.linalg.svd(strict.eye(3) * 2)                   # results stay on the device, namedtuple kept
+    assert all(isinstance(a, StrictArray) for a in (u, s, vh)) and to_numpy(s).tolist() == [2, 2, 2]
+    with pytest.raises(AttributeError, match="not wrapped"):
+        strict.fft                                                     # other submodules are refused by name
     # scalars, NumPy scalars, 0-d host arrays and host indices are fine (CuPy takes them too)
     y = x + 1 + np.float32(2) + np.array(3.0, np.float32)
     assert isinstance(y, StrictArray) and to_numpy(y).tolist() == [6, 7, 8, 9]
