@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
+from minilora.backend import asarray
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
       f"| minilora {minilora.__version__} | backend {minilora.get_backend()}")
@@ -237,17 +238,22 @@ assert all(100 * square_layer_lora_params(n, 16) / n < 0.05 for n in sizes.value
 # With $B = 0$, $dA = 0$ but $dB \ne 0$: the first step moves $B$, after which $A$ gets gradients too. If *both*
 # were zero, both gradients would be zero forever; if both were random, the model would start off its pretrained
 # output.
+#
+# The layers keep their weights on minilora's current backend, which on a GPU is device memory, so the host arrays
+# they meet here go in with `asarray` first (notebook 09 and docs/backends.md show the strict backend that checks this
+# without a GPU).
 
 # %%
 from minilora.backend import default_rng
 from minilora.nn import Linear, LoRALinear
 
-dy = rng.standard_normal((N, D_out))                                 # (N, D_out) upstream gradient
+x_in = asarray(x)                                                    # (N, D_in)  §3's x, on the layers' backend
+dy = asarray(rng.standard_normal((N, D_out)))                        # (N, D_out) upstream gradient
 
 
 def lora_grads(A, B):
     """max |dA|, max |dB| from minilora's hand-written LoRA backward (derived in notebook 05)."""
-    _, cache = F.lora_forward(x, A, B, s)
+    _, cache = F.lora_forward(x_in, A, B, s)
     _, dA, dB = F.lora_backward(dy, cache, A, B, s)                  # dA (r, D_in), dB (D_out, r)
     return np.abs(dA).max(), np.abs(dB).max()
 
@@ -255,14 +261,14 @@ def lora_grads(A, B):
 base = Linear(D_in, D_out, dtype="float64", rng=default_rng(0))    # a frozen base layer
 layer = LoRALinear(base, r=r, lora_alpha=alpha)                      # PEFT's init: A kaiming-uniform, B = 0
 A0, B0 = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data
-print(f"B = 0:        max |LoRALinear(x) - base(x)| = {np.abs(layer(x) - base(x)).max():.1f} | "
+print(f"B = 0:        max |LoRALinear(x) - base(x)| = {np.abs(layer(x_in) - base(x_in)).max():.1f} | "
       f"max|dA| = {lora_grads(A0, B0)[0]:.3f}, max|dB| = {lora_grads(A0, B0)[1]:.3f}")
 print(f"A = B = 0:    max|dA| = {lora_grads(0 * A0, B0)[0]:.3f}, max|dB| = {lora_grads(0 * A0, B0)[1]:.3f}  (stuck)")
-B_rand = rng.uniform(-1 / np.sqrt(r), 1 / np.sqrt(r), (D_out, r))   # (D_out, r)
-y_rand = base(x) + F.lora_forward(x, A0, B_rand, s)[0]               # (N, D_out)
-print(f"both random:  max |y - base(x)| = {np.abs(y_rand - base(x)).max():.3f}  (the pretrained output is lost)")
+B_rand = asarray(rng.uniform(-1 / np.sqrt(r), 1 / np.sqrt(r), (D_out, r)))   # (D_out, r)
+y_rand = base(x_in) + F.lora_forward(x_in, A0, B_rand, s)[0]                # (N, D_out)
+print(f"both random:  max |y - base(x)| = {np.abs(y_rand - base(x_in)).max():.3f}  (the pretrained output is lost)")
 
-assert np.abs(layer(x) - base(x)).max() == 0 and lora_grads(A0, B0)[0] == 0 < lora_grads(A0, B0)[1]
+assert np.abs(layer(x_in) - base(x_in)).max() == 0 and lora_grads(A0, B0)[0] == 0 < lora_grads(A0, B0)[1]
 assert lora_grads(0 * A0, B0) == (0, 0)
 
 # %% [markdown]
