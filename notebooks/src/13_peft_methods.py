@@ -36,7 +36,7 @@ import numpy as np
 
 import minilora
 from minilora import memory
-from minilora.backend import default_rng
+from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, load_corpus
 from minilora.nn import GELU, Linear, Module
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
@@ -100,7 +100,9 @@ assert c_7b["last layer (head)"] == 131_072_000 and c_tiny["last layer (head)"] 
 # 256 bytes. Parameter counts alone do not separate the methods; what they cost at inference does.
 #
 # We check two of the formulas against real modules: LoRA through `get_peft_model`, and adapter layers through a
-# small module built from minilora's `Linear` and `GELU` that wraps each block's output projections.
+# small module built from minilora's `Linear` and `GELU` that wraps each block's output projections. Batches are
+# sampled on the host; on a GPU backend they enter the model through `asarray`, and results come back to host NumPy
+# through `to_numpy` (notebook 09 shows why, with the strict backend that checks it on a CPU).
 
 # %%
 class Adapter(Module):
@@ -136,7 +138,7 @@ lora_tiny = get_peft_model(load_base()[0], LoraConfig(r=8, lora_alpha=16, target
 adapted = with_adapters(load_base()[0], 16)
 print(f"LoRA all linear, counted by PEFT: {lora_tiny.get_nb_trainable_parameters()[0]:,}")
 print(f"adapters m=16, counted on the module: {adapter_params(adapted):,}")
-idx = np.asarray(load_corpus("stdlib").get_batch("val", 1, 64, default_rng(SEED))[0])      # (1, 64) bytes
+idx = asarray(load_corpus("stdlib").get_batch("val", 1, 64, np.random.default_rng(SEED))[0])  # (1, 64) bytes
 same = np.abs(adapted(idx)[0] - base(idx)[0]).max()
 print(f"max |logits(adapters at init) - logits(base)| = {same}")
 assert lora_tiny.get_nb_trainable_parameters()[0] == c_tiny["LoRA r=8 all linear"]
@@ -205,7 +207,7 @@ def best_ms(models, reps=30):
     return best
 
 
-rng = np.random.default_rng(SEED)
+rng = default_rng(SEED)                                         # on the backend: B's values are drawn where B lives
 for _name, mod in lora_tiny.named_modules():                    # give B non-zero values, so merging is a real test
     if hasattr(mod, "lora_B"):
         w = mod.lora_B["default"].weight.data
@@ -243,7 +245,7 @@ def per_window_bits(model, batches):
     model.eval()
     out = []
     for x, y in batches:
-        logits = np.asarray(model(x)[0], dtype=np.float64)                          # (b, T, 256)
+        logits = to_numpy(model(asarray(x))[0]).astype(np.float64)                  # (b, T, 256)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         out.append(-np.take_along_axis(logp, y[..., None], -1)[..., 0].mean(1))     # (b,)
