@@ -12,12 +12,15 @@ outputs: minilora works in cache-sized chunks, so it must not grow with the inpu
 
 Targets: quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ kernel, at every thread count. The
 reference quantizer (minilora/quant/reference.py, the readable version that gives the same bytes) is timed on the
-same input at the first thread count, for scale. Quantize is single-threaded in minilora; dequantize splits its
+same input at the first thread count, for scale. Then one thread's dequantize is split into the stages of its chunk
+loop (widen, gather, scale, fresh output), each timed over the whole tensor. Quantize is single-threaded in
+minilora; dequantize splits its
 chunks over threads above 2M values. OpenBLAS is not involved in any of these operations.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -64,6 +67,31 @@ def median_times(ours, theirs, rounds):
     return meds[0], (meds[1] if theirs else float("nan"))
 
 
+def dequantize_stages(packed, state, rounds):
+    """ms per 1-thread dequantize (no DQ) spent in each stage of minilora's chunk loop, cumulatively: widen the bytes
+    to intp indices, gather the pair table, scale each block by its absmax (all into a reused buffer), then the
+    whole call with a fresh output (the rest: page faults and first writes of new memory)."""
+    from minilora.quant.blockwise import chunk_size
+    from minilora.quant.fourbit import pair_table
+    src, lut, bs = packed.reshape(-1), pair_table(state.code, np), state.blocksize
+    out, chunk = np.empty(2 * src.size, np.float32), chunk_size(np, bs)
+    idx = np.empty(chunk // 2, np.intp)
+
+    def loop(stages):
+        for s in range(0, out.size, chunk):
+            i, dst = idx[:(min(s + chunk, out.size) - s) // 2], out[s:s + chunk]
+            np.copyto(i, src[s // 2:s // 2 + i.size], casting="unsafe")
+            if stages > 1:
+                np.take(lut, i, out=dst.view(np.uint64), mode="wrap")
+            if stages > 2:
+                dst.reshape(-1, bs)[...] *= state.absmax[s // bs:(s + dst.size) // bs, None]
+    t = [median_times(partial(loop, k), None, rounds)[0] for k in (1, 2, 3)]
+    t.append(median_times(partial(dequantize_4bit, packed, state, threads=1), None, rounds)[0])
+    names = ["widen bytes to intp indices", "gather the 256-entry pair table", "scale each block by its absmax",
+             "fresh output (page faults, first writes)"]
+    return [(name, (t[k] - (t[k - 1] if k else 0)) * 1e3) for k, name in enumerate(names)] + [("total", t[3] * 1e3)]
+
+
 def copy_bandwidth(n, repeats):
     src = np.random.default_rng(1).standard_normal(n).astype(np.float32)
     dst = np.empty_like(src)
@@ -98,6 +126,17 @@ def peak_extra(fn, outputs_nbytes):
     return peak - outputs_nbytes
 
 
+@contextlib.contextmanager
+def one_thread():
+    """set_num_threads(1) for a block (dequantize_4bit follows it), restoring the previous count after."""
+    before = get_num_threads()
+    set_num_threads(1)
+    try:
+        yield
+    finally:
+        set_num_threads(before)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16 * 1024 * 1024)
@@ -107,9 +146,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     n = args.n
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    xw = x.reshape(-1, 4096) if n % 4096 == 0 else x     # timed as a weight matrix: bnb threads 2-D inputs only
 
     counts = [int(t) for t in args.threads.split(",")]
-    print(f"n = {n:,} float32 ({x.nbytes / 2**20:.0f} MiB), NF4, blocksize 64; median of {args.rounds} rounds")
+    print(f"n = {n:,} float32 ({x.nbytes / 2**20:.0f} MiB) as a {xw.shape} weight, NF4, blocksize 64; "
+          f"median of {args.rounds} rounds")
     print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
     print(f"CPU: {cpu_kind()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; BLAS {blas_info()}")
@@ -119,7 +160,7 @@ def main(argv=None) -> int:
     try:
         import bitsandbytes.functional as F
         import torch
-        xt = torch.from_numpy(x)
+        xt = torch.from_numpy(xw)
         print(f"bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__}, "
               f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}\n")
     except ImportError as e:
@@ -134,10 +175,10 @@ def main(argv=None) -> int:
         print(f"threads: minilora {get_num_threads()} (BLAS limit, followed by dequantize_4bit), "
               f"bnb {torch.get_num_threads() if F else '-'} (torch.set_num_threads)", flush=True)
         for dq in (False, True):
-            p, st = quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
-            out = np.empty_like(x)
+            p, st = quantize_4bit(xw, blocksize=64, quant_type="nf4", compress_statistics=dq)
+            out = np.empty_like(xw)
             ops = {    # each call bound now (functools.partial), not looked up when timed
-                "quantize": (partial(quantize_4bit, x, 64, "nf4", dq),
+                "quantize": (partial(quantize_4bit, xw, 64, "nf4", dq),
                              partial(F.quantize_4bit, xt, blocksize=64, quant_type="nf4", compress_statistics=dq)
                              if F else None),
                 "dequantize": (partial(dequantize_4bit, p, st), None),
@@ -154,7 +195,7 @@ def main(argv=None) -> int:
                 except (NotImplementedError, RuntimeError):
                     pass
             if not dq and threads == counts[0]:   # the readable reference (same bytes), against the same bnb calls
-                ops["reference quantize"] = (partial(quantize_4bit_reference, x, 64, "nf4"), ops["quantize"][1])
+                ops["reference quantize"] = (partial(quantize_4bit_reference, xw, 64, "nf4"), ops["quantize"][1])
                 ops["reference dequantize"] = (partial(dequantize_4bit_reference, p, st), ops["dequantize"][1])
             for name, (ours, theirs) in ops.items():
                 t_ours, t_bnb = median_times(ours, theirs, args.rounds)
@@ -167,6 +208,13 @@ def main(argv=None) -> int:
     for threads, name, t_ours, t_bnb, nbytes in rows:
         print(f"{threads:>7} {name:<22} {t_ours * 1e3:>11.1f} {t_bnb * 1e3:>8.1f} {n / t_ours / 1e6:>8.0f} "
               f"{nbytes / t_ours / 1e9:>6.2f} {t_bnb / t_ours:>6.2f}x {nbytes / t_ours / bw:>6.1%}")
+
+    p, st = quantize_4bit(xw, 64, "nf4", False)
+    with one_thread():
+        stages = dequantize_stages(p, st, args.rounds)
+    print("\nwhere one thread's dequantize (no DQ) spends its time, ms (each stage timed over the whole tensor):")
+    for name, ms in stages:
+        print(f"  {name:<42} {ms:6.1f}")
 
     print("\npeak extra memory while quantizing (tracemalloc), beyond the outputs:")
     for m in (n // 16, n):
