@@ -14,8 +14,7 @@ Targets: quantize >= 3x bnb's CPU throughput, dequantize >= 1.5x bnb's CPU C++ k
 reference quantizer (minilora/quant/reference.py, the readable version that gives the same bytes) is timed on the
 same input at the first thread count, for scale. Then one thread's dequantize is split into the stages of its chunk
 loop (widen, gather, scale, fresh output), each timed over the whole tensor. Quantize is single-threaded in
-minilora; dequantize splits its
-chunks over threads above 2M values. OpenBLAS is not involved in any of these operations.
+minilora; dequantize splits its chunks over threads above 2M values. OpenBLAS is not involved in any of these.
 """
 from __future__ import annotations
 
