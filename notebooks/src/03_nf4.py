@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
+from minilora.backend import to_numpy
 from minilora.quant import create_normal_map, dequantize_4bit, get_4bit_type, quantize_4bit
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
@@ -73,12 +74,14 @@ print("16 codes:", np.round(ours, 4))
 # Compare with the table bitsandbytes hardcodes (`get_4bit_type("nf4")`). Our float64 `np.linspace` rounds the
 # probabilities a hair differently from torch's float32 `linspace`, so a few codes differ by about one float32 ulp
 # (~1e-7). minilora's `create_normal_map` re-derives the table with a torch-style float32 linspace and matches it
-# exactly; the library itself uses the hardcoded table.
+# exactly; the library itself uses the hardcoded table. Both functions return the table on minilora's current
+# backend (device memory on a GPU), and the comparisons in this notebook are host NumPy, so the tables come out with
+# `to_numpy` (notebook 09 and docs/backends.md explain the backends and the strict one that checks this on a CPU).
 
 # %%
-nf4 = get_4bit_type("nf4")                                                 # (16,) float32
+nf4 = to_numpy(get_4bit_type("nf4"))                                       # (16,) float32, on the host
 print(f"max |step-by-step - bnb table| = {np.abs(ours - nf4).max():.1e}")
-print(f"max |create_normal_map() - bnb table| = {np.abs(create_normal_map() - nf4).max():.1e}")
+print(f"max |create_normal_map() - bnb table| = {np.abs(to_numpy(create_normal_map()) - nf4).max():.1e}")
 for i, v in enumerate(nf4):
     print(f"code {i:2d} = {i:04b}: {v:+.10f}")
 
@@ -98,7 +101,7 @@ scale = normal.inv_cdf(delta)                                              # 1.8
 
 def bin_masses(code):
     """P(X nearest to each code) for X ~ N(0, 1) after scaling the codes by Phi^-1(delta)."""
-    levels = np.unique(np.asarray(code, dtype=np.float64)) * scale        # sorted distinct levels
+    levels = np.unique(to_numpy(code).astype(np.float64)) * scale         # sorted distinct levels
     edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
     return levels, np.diff([normal.cdf(e) if np.isfinite(e) else float(e > 0) for e in edges])
 
@@ -276,10 +279,10 @@ plt.show()
 
 # %%
 def load_real_weights():
-    """Linear weight matrices of minilora's shipped, pretrained base model, keyed by module path."""
+    """Linear weight matrices of minilora's shipped, pretrained base model, keyed by module path, on the host."""
     from minilora import pretrained
     model, meta = pretrained.load_base()
-    return {n: p.data for n, p in model.named_parameters() if p.data.ndim == 2 and ".h." in n}
+    return {n: to_numpy(p.data) for n, p in model.named_parameters() if p.data.ndim == 2 and ".h." in n}
 
 
 weights = load_real_weights()
@@ -314,7 +317,7 @@ blocks = w_all[: w_all.size // 64 * 64].reshape(-1, 64)
 normalized = (blocks / np.abs(blocks).max(axis=1, keepdims=True)).ravel()        # (n,) in [-1, 1]
 fig, ax = plt.subplots(figsize=(8, 3.4))
 ax.hist(normalized, bins=200, density=True, color="C0", alpha=0.6, label="block-normalized weights")
-ax.vlines(get_4bit_type("nf4"), 0, ax.get_ylim()[1], color="C1", lw=1, label="NF4 levels")
+ax.vlines(nf4, 0, ax.get_ylim()[1], color="C1", lw=1, label="NF4 levels")
 ax.set(xlabel="w / absmax(block)", ylabel="density", title=WEIGHTS_SOURCE)
 ax.title.set_fontsize(9)
 ax.legend(fontsize=8)
