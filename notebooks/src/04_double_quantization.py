@@ -30,6 +30,7 @@ import numpy as np
 
 import minilora
 from minilora import memory
+from minilora.backend import to_numpy
 from minilora.quant import (
     create_dynamic_map,
     dequantize_4bit,
@@ -89,9 +90,13 @@ plt.show()
 #
 # The QLoRA paper says the second level uses "8-bit Floats"; this dynamic map is the 8-bit float-like format that
 # bitsandbytes actually implements for it, so "an 8-bit float" and "the dynamic map" name the same step here.
+#
+# The library builds the map on minilora's current backend (device memory on a GPU), while this notebook quantizes
+# and plots on the host, so the map comes out with `to_numpy` (notebook 09 and docs/backends.md explain the backends
+# and the strict one that checks this on a CPU).
 
 # %%
-dyn = create_dynamic_map(signed=True)                                           # (256,) float32
+dyn = to_numpy(create_dynamic_map(signed=True))                                 # (256,) float32, on the host
 print(f"{dyn.size} values, min {dyn.min():.8f}, max {dyn.max()}, zero at index {int(np.flatnonzero(dyn == 0)[0])}, "
       f"smallest |v| > 0: {np.abs(dyn[dyn != 0]).min():.2e}")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3))
@@ -308,10 +313,10 @@ from minilora.pretrained import load_base
 from minilora.quant.report import pinned_input
 
 base, _ = load_base()
-base_weights = [np.asarray(v, dtype=np.float32) for k, v in base.state_dict().items()
-                if k.endswith(".weight") and np.ndim(v) == 2 and (".attn." in k or ".mlp." in k)]   # (out, in) each
+base_weights = [to_numpy(v).astype(np.float32) for k, v in base.state_dict().items()
+                if k.endswith(".weight") and v.ndim == 2 and (".attn." in k or ".mlp." in k)]   # (out, in) each
 assert len(base_weights) == 16 and sum(w_.size for w_ in base_weights) == 786_432
-assert np.array_equal(pinned_input(), x)                     # the same pinned input as in sections 1-6
+assert np.array_equal(to_numpy(pinned_input()), x)           # the same pinned input as in sections 1-6
 
 
 def nested_report(tensors):
