@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
+from minilora.backend import asarray, to_numpy
 from minilora.hf import export_hf, to_hf_state_dict
 from minilora.nn import GPT
 from minilora.optim import AdamW
@@ -74,6 +75,9 @@ WORK = pathlib.Path(tempfile.mkdtemp(prefix="minilora_nb14_"))   # every exporte
 # their weight as (in, out) where minilora's `Linear` holds (out, in); the export transposes them by name. After
 # `from_pretrained`, every tensor transformers holds equals the exported one exactly, and on a batch of bytes the
 # logits of the two models agree within 1e-4 in float32 (rounding order differs between NumPy and torch matmuls).
+# Everything that crosses between the stacks (byte batches, torch tensors as `.numpy()`) is host NumPy, so on a GPU
+# backend it enters minilora's models through `asarray` and minilora's results leave through `to_numpy` (notebook 09
+# explains the rule and the strict backend that checks it).
 
 # %%
 base32, _ = minilora.load_base()
@@ -89,10 +93,10 @@ if HAVE_STACK:
 
     text = np.frombuffer(pathlib.Path(minilora.hf.__file__).read_bytes(), dtype=np.uint8).astype(np.int64)
     probe = np.stack([text[i:i + T] for i in (0, 1000, 2000, 3000)])        # (4, 64) byte ids
-    ours32, _ = base32(probe)
+    ours32, _ = base32(asarray(probe))
     with torch.no_grad():
         their32 = hf32(torch.from_numpy(probe)).logits.numpy()
-    d32 = float(np.abs(np.asarray(ours32) - their32).max())
+    d32 = float(np.abs(to_numpy(ours32) - their32).max())
     print(f"float32 logits {their32.shape}: max |minilora - transformers| = {d32:.1e}")
     assert len(same) == len(exported) and d32 <= 1e-4
 else:
@@ -112,7 +116,7 @@ else:
 # %%
 def float64_base():
     m = GPT(dataclasses.replace(base32.config, dtype="float64"))
-    m.load_state_dict({k: np.asarray(v, dtype="float64") for k, v in base32.state_dict().items()})
+    m.load_state_dict({k: v.astype(np.float64) for k, v in base32.state_dict().items()})
     return m
 
 
@@ -121,7 +125,7 @@ if HAVE_STACK:
     rng = np.random.default_rng(1)
     for _, layer in pm.base_model.lora_layers():
         for lin in layer.lora_B.values():
-            lin.weight.data[...] = rng.standard_normal(lin.weight.data.shape) * 0.02
+            lin.weight.data[...] = asarray(rng.standard_normal(lin.weight.data.shape) * 0.02)    # (384, 8)
     pm.save_pretrained(WORK / "init")
     export_hf(float64_base(), WORK / "hf64", adapters={"init": WORK / "init"})
     hf64 = transformers.GPT2LMHeadModel.from_pretrained(WORK / "hf64", dtype=torch.float64)
@@ -133,7 +137,7 @@ if HAVE_STACK:
     their_p = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
     n_train = sum(p.data.size for p in ours_p.values())
     start_equal = sorted(ours_p) == sorted(their_p) and all(
-        np.array_equal(np.asarray(ours_p[n].data), their_p[n].detach().numpy()) for n in ours_p)
+        np.array_equal(to_numpy(ours_p[n].data), their_p[n].detach().numpy()) for n in ours_p)
     print(f"{len(ours_p)} trainable tensors ({n_train:,} numbers) on each side, e.g.")
     for n in sorted(ours_p)[:2]:
         print(f"  {n}  {tuple(their_p[n].shape)}")
@@ -164,7 +168,7 @@ if HAVE_STACK:
         idx = np.stack([text[s:s + T] for s in starts])
         tgt = np.stack([text[s + 1:s + T + 1] for s in starts])
         pm.zero_grad()
-        _, loss = pm(idx, tgt)
+        _, loss = pm(asarray(idx), asarray(tgt))
         pm.backward()
         opt.step()
         topt.zero_grad()
@@ -177,7 +181,7 @@ if HAVE_STACK:
         losses_theirs.append(tloss.item())
     losses_ours, losses_theirs = np.array(losses_ours), np.array(losses_theirs)
     loss_diff = float(np.abs(losses_ours - losses_theirs).max())
-    adapter_diff = max(float(np.abs(np.asarray(ours_p[n].data) - their_p[n].detach().numpy()).max()) for n in ours_p)
+    adapter_diff = max(float(np.abs(to_numpy(ours_p[n].data) - their_p[n].detach().numpy()).max()) for n in ours_p)
     print(f"{STEPS} steps on both stacks in {time.perf_counter() - t0:.1f} s")
     print(f"loss: step 1 {losses_ours[0]:.4f} -> step {STEPS} {losses_ours[-1]:.4f} (minilora), "
           f"{losses_theirs[-1]:.4f} (torch)")
@@ -222,11 +226,11 @@ if HAVE_STACK:
         warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(fresh, str(WORK / "hf64_trained" / "trained")).eval()
     fan_warnings = [w for w in caught if "fan_in_fan_out" in str(w.message)]
-    ours_logits, _ = pm(probe)
+    ours_logits, _ = pm(asarray(probe))
     with torch.no_grad():
         their_logits = loaded(torch.from_numpy(probe)).logits.numpy()
-    d_trained = float(np.abs(np.asarray(ours_logits) - their_logits).max())
-    d_moved = float(np.abs(np.asarray(ours_logits) - np.asarray(float64_base()(probe)[0])).max())
+    d_trained = float(np.abs(to_numpy(ours_logits) - their_logits).max())
+    d_moved = float(np.abs(to_numpy(ours_logits) - to_numpy(float64_base()(asarray(probe))[0])).max())
     print(f"files: {sorted(p.name for p in (WORK / 'hf64_trained' / 'trained').iterdir())}")
     print(f"the adapter moved the logits by up to {d_moved:.2f}; PEFT's logits vs minilora's: {d_trained:.1e}")
     print(f"fan_in_fan_out warnings: {len(fan_warnings)}")
@@ -257,11 +261,11 @@ if HAVE_BNB:
     ours4 = {n: m for n, m in q_ours.named_modules() if isinstance(m, Linear4bit)}
     theirs4 = {n: m for n, m in hf_nf4.named_modules() if type(m).__name__ == "Linear4bit"}
     same_codes = sorted(ours4) == sorted(theirs4) and all(
-        np.array_equal(np.asarray(m.weight.data), theirs4[n].weight.data.numpy()) for n, m in ours4.items())
-    code_bytes = sum(np.asarray(m.weight.data).nbytes for m in ours4.values())
+        np.array_equal(to_numpy(m.weight.data), theirs4[n].weight.data.numpy()) for n, m in ours4.items())
+    code_bytes = sum(m.weight.data.nbytes for m in ours4.values())
     with torch.no_grad():
         their4 = hf_nf4(torch.from_numpy(probe)).logits.numpy()
-    d4 = float(np.abs(np.asarray(q_ours(probe)[0]) - their4).max())
+    d4 = float(np.abs(to_numpy(q_ours(asarray(probe))[0]) - their4).max())
     print(f"{len(theirs4)} Linear4bit layers in transformers; packed 4-bit codes identical ({code_bytes:,} bytes): "
           f"{same_codes}")
     print(f"NF4 base, float32 logits: max |minilora - transformers + bitsandbytes| = {d4:.1e}")
