@@ -25,6 +25,7 @@ import platform
 import numpy as np
 
 import minilora
+from minilora.backend import asarray
 from minilora.nn import functional as F
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | minilora {minilora.__version__} "
@@ -166,19 +167,23 @@ assert not dA0.any() and not dx0.any() and dB0.any()
 # expressions work on a PEFT model. Its `forward`/`backward` call exactly the functions above on those weights.
 # Freshly wrapped, $B = 0$, so the layer must reproduce the base layer bit for bit; after a backward, $W_0$ has no
 # gradient at all.
+#
+# From here on the weights live on minilora's current backend, which on a GPU is device memory, so the host-drawn
+# inputs and gradients go in with `asarray` (notebook 09 and docs/backends.md explain the backends and the strict one
+# that checks this on a CPU).
 
 # %%
 from minilora.backend import default_rng
 from minilora.nn import Linear, LoRALinear
 
 base = Linear(64, 32, dtype="float64", rng=default_rng(0))
-x64 = rng.standard_normal((8, 64))                                          # (N, D_in)
+x64 = asarray(rng.standard_normal((8, 64)))                                 # (N, D_in)
 y_base = base(x64)                                                          # (N, D_out)
 layer = LoRALinear(base, r=4, lora_alpha=8, rng=default_rng(1))
 print(layer)
 print(f"max |LoRA output - base output| at init: {np.abs(layer(x64) - y_base).max()}")
 
-dy64 = rng.standard_normal((8, 32))                                         # (N, D_out)
+dy64 = asarray(rng.standard_normal((8, 32)))                                # (N, D_out)
 layer(x64)
 dx64 = layer.backward(dy64)                                                 # (N, D_in)
 for name, p in layer.named_parameters():
@@ -193,7 +198,7 @@ for name, p in layer.named_parameters():
 # $W_0$ up to floating-point rounding. We first give $B$ some values, as training would.
 
 # %%
-layer.lora_B["default"].weight.data[...] = rng.standard_normal((32, 4)) * 0.1     # pretend it was trained
+layer.lora_B["default"].weight.data[...] = asarray(rng.standard_normal((32, 4)) * 0.1)   # pretend it was trained
 W0_before = base.weight.data.copy()                                         # (D_out, D_in)
 y_unmerged = layer(x64)                                                     # (N, D_out) two-path forward
 layer.merge()
@@ -215,7 +220,7 @@ assert merge_gap < 1e-12 and unmerge_gap < 1e-12
 
 # %%
 layer.update_layer("task_b", r=4, lora_alpha=8)
-layer.lora_B["task_b"].weight.data[...] = rng.standard_normal((32, 4)) * 0.1
+layer.lora_B["task_b"].weight.data[...] = asarray(rng.standard_normal((32, 4)) * 0.1)
 y_a = layer(x64)                                                             # active: "default"
 layer.set_adapter("task_b")
 y_b = layer(x64)
