@@ -161,9 +161,14 @@ class GPT(Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        """idx int (B, T) -> logits (B, T, V), and loss (a Python float, mean over tokens) when targets are given."""
+        """idx int (B, T) -> logits (B, T, V), and loss (a Python float, mean over tokens) when targets are given.
+
+        idx and targets may be host arrays (batches are sampled on the host): like the prompt of generate, they are
+        moved to the model's backend first."""
         _check_idx(idx)
-        xp = get_array_module(idx)
+        xp = get_array_module(self.transformer.wte.weight.data)
+        idx = xp.asarray(idx)                                      # the batch goes where the model is
+        targets = None if targets is None else xp.asarray(targets)
         B, T = idx.shape
         if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")

@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
-from minilora.backend import default_rng
+from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, decode, encode, load_corpus
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
 from minilora.optim.paged import PagedAdamW
@@ -82,6 +82,10 @@ OUT = Path(tempfile.mkdtemp(prefix="minilora_nb06_"))      # adapters are saved 
 # Every model is scored on the same 64 fixed windows of 128 bytes per domain, and we keep the loss of **each window**,
 # not only the mean: the spread over windows gives a standard error, and two models scored on the same windows can be
 # compared window by window (a paired difference), which is far more sensitive than comparing two means.
+#
+# The corpora are token arrays on the host, while the models keep their weights on minilora's backend (device memory
+# on a GPU): windows go in with `asarray` and the per-window losses come back out with `to_numpy` before the host
+# statistics (notebook 09 and docs/backends.md show the strict backend that checks this without a GPU).
 
 # %%
 base, meta = load_base()
@@ -93,14 +97,14 @@ windows = {name: c.eval_windows("val", BLOCK, EVAL_WINDOWS) for name, c in (("co
 
 def window_bits(model, name):
     """Bits per byte of each of the 64 windows of one domain, (64,): the mean cross-entropy of its 128 predictions."""
-    x, y = windows[name]
+    x, y = (asarray(a) for a in windows[name])                                # (64, 128) each, on the model's backend
     out = []
     for i in range(0, len(x), 16):                                            # 16 windows per forward pass
         z = model(x[i:i + 16])[0].astype(np.float64)                          # (16, 128, 256) logits
         logp = z - z.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))                   # log-softmax over the next byte
         out.append(-np.take_along_axis(logp, y[i:i + 16, :, None], -1)[..., 0].mean(1) / LN2)
-    return np.concatenate(out)
+    return to_numpy(np.concatenate(out))                                      # (64,) on the host, for the statistics
 
 
 def mean_se(v):
@@ -352,8 +356,8 @@ def generate_cached(model, prompts, new_bytes, seed, temperature=0.8, top_k=40):
     """GPT.generate's sampling for a batch of prompts (B, P), with a KV cache: returns (B, P + new_bytes) byte ids."""
     gpt = model.get_base_model() if hasattr(model, "get_base_model") else model
     tr, H = gpt.transformer, gpt.config.n_head
-    rng, ids, t0 = default_rng(seed), prompts, 0
-    out, cache = [prompts], [None] * len(tr.h)
+    rng, ids, t0 = default_rng(seed), asarray(prompts), 0                        # the prompts go where the model is
+    out, cache = [ids], [None] * len(tr.h)
     for _ in range(new_bytes):
         B, T = ids.shape
         x = tr.wte(ids) + tr.wpe(np.arange(t0, t0 + T))                            # (B, T, C) the new positions
@@ -365,7 +369,8 @@ def generate_cached(model, prompts, new_bytes, seed, temperature=0.8, top_k=40):
                 k, v = np.concatenate([cache[i][0], k], 2), np.concatenate([cache[i][1], v], 2)
             cache[i] = (k, v)
             s = (q / math.sqrt(C // H)) @ k.transpose(0, 1, 3, 2)                # (B, H, T, t0 + T)
-            s = np.where(np.arange(t0 + T) > t0 + np.arange(T)[:, None], -np.inf, s)   # causal mask
+            future = asarray(np.arange(t0 + T) > t0 + np.arange(T)[:, None])      # (T, t0 + T) causal mask
+            s = np.where(future, -np.inf, s)
             p = np.exp(s - s.max(-1, keepdims=True))
             y = (p / p.sum(-1, keepdims=True)) @ v                                # (B, H, T, C/H)
             x = x + blk.attn.c_proj(y.transpose(0, 2, 1, 3).reshape(B * T, C)).reshape(B, T, C)

@@ -215,3 +215,19 @@ def test_gpt_with_lora_runs_on_each_backend_and_matches_numpy(xp):
     if xp.__name__ in ("numpy", "numpy_strict"):
         assert loss == loss_np and all(np.array_equal(grads[n], grads_np[n]) for n in grads)
     assert np.isfinite(loss) and grads.keys() == grads_np.keys() and len(grads) > 0
+
+
+def test_gpt_forward_moves_a_host_batch_to_the_model(xp):
+    """Host token ids and targets (as Corpus.get_batch returns them) are moved to the model's backend by forward."""
+    from minilora.backend import to_numpy
+    cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    idx_h, tg_h = _batch(cfg, B=2)
+    m = GPT(cfg)
+    logits_d, loss_d = m(xp.asarray(idx_h), xp.asarray(tg_h))
+    m.backward()
+    grad_d = to_numpy(m.transformer.wte.weight.grad)
+    m.zero_grad()
+    logits_h, loss_h = m(idx_h, tg_h)                       # host arrays: no TypeError on CuPy or numpy-strict
+    m.backward()
+    assert type(logits_h) is type(logits_d) and loss_h == loss_d
+    np.testing.assert_array_equal(to_numpy(m.transformer.wte.weight.grad), grad_d)
