@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 import minilora
-from minilora.backend import default_rng
+from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, load_corpus
 from minilora.nn import Module
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
@@ -80,16 +80,20 @@ assert to_bf16(np.float32(1 + 2**-7)) == 1 + 2**-7 and to_bf16(np.float32(np.pi)
 # to NF4 with double quantization, and feed it its real input: the layer-normed embeddings of 16 validation windows
 # of 128 bytes (2,048 rows). The reference is float32 compute with the float32 weight; we measure three errors
 # relative to the size of the output, $\lVert y - y_{ref}\rVert / \lVert y_{ref}\rVert$.
+#
+# The measurements in this notebook are host NumPy (the bfloat16 emulation works on the raw bits). On a GPU backend
+# the byte windows enter the model with `asarray`, and the weights and activations we measure come back with
+# `to_numpy` (notebook 09 explains the rule, and the strict backend checks it on a CPU).
 
 # %%
-x_idx, _ = docs.eval_windows("val", 128, 16)                                      # (16, 128) bytes
-h = base.transformer.wte(x_idx) + base.transformer.wpe(np.arange(128))            # (16, 128, 128)
-xin = np.asarray(base.transformer.h[0].ln_1(h), dtype=np.float32).reshape(-1, 128)   # (2048, 128)
+x_idx = asarray(docs.eval_windows("val", 128, 16)[0])                             # (16, 128) bytes
+h = base.transformer.wte(x_idx) + base.transformer.wpe(asarray(np.arange(128)))   # (16, 128, 128)
+xin = to_numpy(base.transformer.h[0].ln_1(h)).reshape(-1, 128)                   # (2048, 128) float32
 lin = base.transformer.h[0].attn.c_attn
-W, b = lin.weight.data, lin.bias.data                                             # (384, 128), (384,)
+W, b = to_numpy(lin.weight.data), to_numpy(lin.bias.data)                         # (384, 128), (384,)
 q = load_base()[0]
 quantize_model(q, quant_type="nf4", compress_statistics=True)
-W_hat = q.transformer.h[0].attn.c_attn.dequantize_weight()                        # (384, 128) float32
+W_hat = to_numpy(q.transformer.h[0].attn.c_attn.dequantize_weight())              # (384, 128) float32
 
 y_ref = xin @ W.T + b                                                             # float32 weight, float32 compute
 y_q32 = xin @ W_hat.T + b                                                         # NF4 storage, float32 compute
@@ -155,7 +159,7 @@ class Recorder(Module):
         self.layer, self.x = layer, None
 
     def forward(self, x):
-        self.x = np.asarray(x).reshape(-1, x.shape[-1])
+        self.x = to_numpy(x).reshape(-1, x.shape[-1])
         return self.layer(x)
 
 
@@ -165,7 +169,7 @@ for n in linears:
     recording.set_submodule(n, Recorder(recording.get_submodule(n)))
 recording(x_idx)                                                                 # the 16 windows of section 1
 X = {n: recording.get_submodule(n).x for n in linears}                           # (2048, in_features) each
-W0 = {n: base.get_submodule(n).weight.data for n in linears}
+W0 = {n: to_numpy(base.get_submodule(n).weight.data) for n in linears}
 dx, dy = docs.eval_windows("val", 128, 256)                                      # 256 windows, 32,768 bytes
 
 
@@ -174,7 +178,7 @@ def window_bits(model, x, y):
     model.eval()
     out = []
     for i in range(0, len(x), 16):
-        z = np.asarray(model(x[i:i + 16])[0], dtype=np.float64)                 # (16, 128, 256)
+        z = to_numpy(model(asarray(x[i:i + 16]))[0]).astype(np.float64)         # (16, 128, 256)
         z -= z.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         out.append(-np.take_along_axis(logp, y[i:i + 16, :, None], -1)[..., 0].mean(1) / LN2)
@@ -187,7 +191,7 @@ for bs in (64, 1024):
     for qt in ("nf4", "fp4", "int4"):
         m, _ = load_base()
         quantize_model(m, quant_type=qt, compress_statistics=False, blocksize=bs)
-        dW = {n: W0[n] - m.get_submodule(n).dequantize_weight() for n in linears}
+        dW = {n: W0[n] - to_numpy(m.get_submodule(n).dequantize_weight()) for n in linears}
         e = np.concatenate([np.abs(d).ravel() for d in dW.values()])
         big = np.concatenate([np.abs(w).ravel() for w in W0.values()])
         top = big >= np.quantile(big, 0.99)                                     # the 1 % largest weights
@@ -254,7 +258,7 @@ def per_window(model):
     model.eval()
     acc, bits = [], []
     for i in range(0, 64, 16):
-        z = np.asarray(model(cx[i:i + 16])[0], dtype=np.float64)                # (16, 128, 256)
+        z = to_numpy(model(asarray(cx[i:i + 16]))[0]).astype(np.float64)        # (16, 128, 256)
         y = cy[i:i + 16]
         acc.append((z.argmax(-1) == y).mean(1))
         z -= z.max(-1, keepdims=True)
