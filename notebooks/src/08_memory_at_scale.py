@@ -32,6 +32,7 @@ import numpy as np
 
 import minilora
 from minilora import memory
+from minilora.backend import asarray
 from minilora.memory import GB, MiB
 
 print(f"python {platform.python_version()} | numpy {np.__version__} | matplotlib {matplotlib.__version__} "
@@ -208,7 +209,9 @@ for seq in (256, 512, 2048):
 # activations are measured separately at the end of the section.
 #
 # Three setups on the shipped base's shape (4 layers, 128 wide): full fine-tuning, LoRA $r=8$ on `c_attn` (PEFT's
-# default target for GPT-2), QLoRA $r=8$ on all linear layers with an NF4 + DQ base.
+# default target for GPT-2), QLoRA $r=8$ on all linear layers with an NF4 + DQ base. The token batches are drawn on
+# the host with NumPy and enter the model through `asarray`, since on a GPU backend its arrays live in device memory
+# (notebook 09 and docs/backends.md show the strict backend that checks this on a CPU).
 
 # %%
 from minilora.nn import GPT, GPTConfig
@@ -216,7 +219,7 @@ from minilora.optim import AdamW
 from minilora.peft import LoraConfig, get_peft_model, memory_report, quantize_model
 
 cfg = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)
-batch = np.random.default_rng(0).integers(0, 256, (2, 33))                     # (B, T+1) token ids
+batch = asarray(np.random.default_rng(0).integers(0, 256, (2, 33)))            # (B, T+1) token ids
 
 
 def one_step(model):
@@ -285,7 +288,7 @@ act_model = GPT(cfg)
 print(f"{'T':>4} {'B':>3} {'estimate':>13} {'measured':>13} {'ratio':>6}")
 act_ratios = []
 for T, Bsz in [(32, 2), (128, 4)]:
-    tokens = np.random.default_rng(0).integers(0, 256, (Bsz, T + 1))                  # (B, T+1)
+    tokens = asarray(np.random.default_rng(0).integers(0, 256, (Bsz, T + 1)))         # (B, T+1)
     est_act = memory.estimate_tiny_gpt(cfg, method="full", include_activations=True, seq_len=T,
                                        batch_size=Bsz).breakdown["activations"]
     meas = measured_activations(act_model, tokens)
