@@ -108,9 +108,13 @@ assert e4096 / e64 > 1.5 and 0 <= e64dq / e64 - 1 < 0.01 and round(b64 - b64dq, 
 # nothing to do with $W_0$. (A rank-$r$ product could not equal a full-rank $W_0$ anyway.) Methods that do start
 # from a factorisation of $W_0$ exist: PiSSA (arXiv 2404.02948), for example, initialises $A$ and $B$ from the top
 # singular vectors of $W_0$ and freezes the residual, but that is a different method.
+#
+# The layers below keep their weights on minilora's backend, device memory on a GPU, so the inputs and the upstream
+# gradient drawn with host NumPy go in with `asarray` (notebook 09 and docs/backends.md show the strict backend that
+# checks this on a CPU).
 
 # %%
-from minilora.backend import default_rng
+from minilora.backend import asarray, default_rng
 from minilora.nn import Linear, LoRALinear
 
 base = Linear(256, 512, dtype="float64", rng=default_rng(0))
@@ -118,13 +122,13 @@ W0 = base.weight.data.copy()                                                    
 layer = LoRALinear(base, r=8, lora_alpha=16, rng=default_rng(1))
 A = layer.lora_A["default"].weight.data                                         # (8, 256)
 B = layer.lora_B["default"].weight.data                                         # (512, 8)
-xin = rng.standard_normal((4, 256))
+xin = asarray(rng.standard_normal((4, 256)))                                   # (N, D_in)
 print(f"rank(W0) = {np.linalg.matrix_rank(W0)}, rank of any BA <= r = {A.shape[0]}")
 print(f"at init: max |B| = {np.abs(B).max()}, so BA = 0 and ||W0 - s*BA|| / ||W0|| = "
       f"{np.linalg.norm(W0 - layer.scaling['default'] * B @ A) / np.linalg.norm(W0):.1f}")
 print(f"output at init equals the base layer's exactly: {np.array_equal(layer(xin), base(xin))}")
 layer(xin)
-layer.backward(rng.standard_normal((4, 512)))
+layer.backward(asarray(rng.standard_normal((4, 512))))                          # dL/dy (N, D_out)
 print(f"after a backward: W0 has a gradient: {base.weight.grad is not None}; W0 unchanged: "
       f"{np.array_equal(base.weight.data, W0)}")
 assert np.linalg.matrix_rank(W0) == 256 and not B.any() and np.array_equal(layer(xin), base(xin))
