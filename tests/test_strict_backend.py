@@ -44,7 +44,7 @@ def test_ufuncs_functions_and_stores_refuse_host_arrays_and_name_the_operation()
     u, s, vh = strict.linalg.svd(strict.eye(3) * 2)                   # results stay on the device, namedtuple kept
     assert all(isinstance(a, StrictArray) for a in (u, s, vh)) and to_numpy(s).tolist() == [2, 2, 2]
     with pytest.raises(AttributeError, match="not wrapped"):
-        strict.fft                                                     # other submodules are refused by name
+        _ = strict.fft                                                 # other submodules are refused by name
     # scalars, NumPy scalars, 0-d host arrays and host indices are fine (CuPy takes them too)
     y = x + 1 + np.float32(2) + np.array(3.0, np.float32)
     assert isinstance(y, StrictArray) and to_numpy(y).tolist() == [6, 7, 8, 9]
@@ -102,6 +102,30 @@ def test_selected_like_the_others_and_seeds_reproduce_numpy():
 def _strict_tree(arrays):
     bad = [k for k, v in arrays.items() if not isinstance(v, StrictArray)]
     assert not bad, f"left the device: {bad}"
+
+
+def test_a_code_table_follows_the_data_as_bitsandbytes_moves_it_to_the_input_device(monkeypatch):
+    """A table made on the device, given with host data, is copied to the host with to_numpy; a host table with
+    device data goes in. Same bytes either way. numpy.asarray(device) is made to raise here, as CuPy's implicit
+    conversion does: the strict backend alone cannot see it (docs/backends.md, "What it cannot see")."""
+    from minilora.quant import create_dynamic_map, quantize_blockwise
+    real_asarray = np.asarray
+
+    def asarray_as_on_cupy(a, *args, **kwargs):
+        if isinstance(a, StrictArray):
+            raise TypeError("Implicit conversion to a NumPy array is not allowed")
+        return real_asarray(a, *args, **kwargs)
+    monkeypatch.setattr(np, "asarray", asarray_as_on_cupy)
+    x = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
+    host_code = create_dynamic_map()
+    with use_backend("numpy-strict"):
+        dev_code = create_dynamic_map()
+    assert isinstance(dev_code, StrictArray) and not isinstance(host_code, StrictArray)
+    q_host, st_host = quantize_blockwise(x, code=dev_code)
+    q_dev, st_dev = quantize_blockwise(strict.asarray(x), code=host_code)
+    assert type(q_host) is np.ndarray and type(st_host.code) is np.ndarray
+    assert isinstance(q_dev, StrictArray) and isinstance(st_dev.code, StrictArray)
+    np.testing.assert_array_equal(to_numpy(q_dev), q_host)
 
 
 def test_quantization_round_trip_stays_on_the_device_and_matches_numpy():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 
-from minilora.backend import get_array_module
+from minilora.backend import get_array_module, to_numpy
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # bnb's quantize_4bit list
 FLOAT32_MAX = 3.4028234663852886e38                              # finfo(float32).max, exactly
@@ -51,8 +51,11 @@ def check_quant_input(x, name: str = "input"):
 
 
 def check_code(code, xp, name: str = "code"):
-    """A custom 8-bit code table as a float32 array: 1-D, 2..256 finite values within [-1, 1]."""
-    code = xp.asarray(code)
+    """A custom 8-bit code table as a float32 array of xp: 1-D, 2..256 finite values within [-1, 1].
+
+    The table follows the data, as bitsandbytes moves `code` to A's device: a device table given with host data is
+    copied to the host (numpy.asarray of a CuPy array would raise), a host table with device data is copied in."""
+    code = to_numpy(code) if xp.__name__ == "numpy" else xp.asarray(code)
     if code.ndim != 1 or not 2 <= code.size <= 256:
         raise ValueError(f"{name} must be a 1-D table of 2..256 values, got shape {tuple(code.shape)}")
     if code.dtype.kind not in "fiu":
