@@ -43,7 +43,7 @@ import numpy as np
 
 import minilora
 from minilora import memory
-from minilora.backend import default_rng
+from minilora.backend import asarray, default_rng, get_array_module, to_numpy
 from minilora.data import LN2, load_corpus
 from minilora.nn import Linear, LoRALinear
 from minilora.nn.lora import loftq_factors, pissa_factors
@@ -179,7 +179,9 @@ assert rel(dA_exact, dA_fd) < 1e-7 and rel(dA_detached, dA_exact) > 0.01
 # paper's argument is empirical (same accuracy, less memory), not that the term is small.
 #
 # On the tiny GPT, DoRA adds one magnitude per output row of each adapted layer to LoRA's parameters. With $r = 8$ on
-# every linear layer (notebook 06's setting) that is $384 + 128 + 512 + 128 = 1152$ values per block:
+# every linear layer (notebook 06's setting) that is $384 + 128 + 512 + 128 = 1152$ values per block. The tiny GPT
+# lives on the current backend: on a GPU backend, host data such as the byte batch below go in with `asarray`, and
+# arrays we check with host NumPy come back with `to_numpy` (notebook 09 explains why).
 
 # %%
 lora_cfg = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
@@ -189,7 +191,7 @@ n_dora, n_lora = dora.get_nb_trainable_parameters()[0], lora.get_nb_trainable_pa
 mags = [k for k, _ in dora.named_parameters() if "lora_magnitude_vector" in k]
 print(f"LoRA r=8 trains {n_lora:,} values; DoRA {n_dora:,} (+{n_dora - n_lora:,} = {len(mags)} magnitude vectors)")
 print("e.g.", mags[0])
-idx = code.get_batch("val", 2, BLOCK, np.random.default_rng(1))[0]
+idx = asarray(code.get_batch("val", 2, BLOCK, np.random.default_rng(1))[0])          # (2, 64) bytes
 print(f"at step 0 DoRA is the base model: max |logits(DoRA) - logits(base)| = "
       f"{np.abs(dora(idx)[0] - base(idx)[0]).max():.1e}")
 assert n_lora == 65_536 and n_dora - n_lora == 4 * 1152 and np.abs(dora(idx)[0] - base(idx)[0]).max() < 1e-4
@@ -301,7 +303,7 @@ W_attn = base.transformer.h[0].attn.c_attn.weight.data.copy()           # (384, 
 S_all = np.linalg.svd(W_attn.astype(np.float64), compute_uv=False)     # (128,)
 for init in ("pissa", "olora"):
     lay = LoRALinear(Linear.from_weight(W_attn.copy()), r=8, lora_alpha=16, init_lora_weights=init)
-    A8, B8 = lay.lora_A["default"].weight.data, lay.lora_B["default"].weight.data
+    A8, B8 = to_numpy(lay.lora_A["default"].weight.data), to_numpy(lay.lora_B["default"].weight.data)   # host checks
     delta = lay.get_delta_weight("default")                              # (384, 128)  s·B A
     W_res = lay.base_layer.weight.data
     print(f"{init:>5}: |sBA| = {np.linalg.norm(delta):.3f} of |W0| = {np.linalg.norm(W_attn):.3f} (not zero); "
@@ -393,7 +395,7 @@ for name, lin in base.named_modules():
         assert row["PiSSA"] < row["T=5"] < row["T=1"] < row["NF4"]         # the order of the columns, every layer
         print(f"{name[14:]:<20} {'x'.join(map(str, W.shape)):>10} {row['NF4']:>9.3f} {row['T=1'] / row['NF4']:>10.1%} "
               f"{row['T=5'] / row['NF4']:>6.1%} {row['PiSSA'] / row['NF4']:>18.1%}")
-ratio = {k: np.sqrt(v / err["NF4"]) for k, v in err.items()}
+ratio = {k: float(np.sqrt(v / err["NF4"])) for k, v in err.items()}
 print(f"{'all 16 layers':<20} {'':>10} {np.sqrt(err['NF4']):>9.3f} {ratio['T=1']:>10.1%} {ratio['T=5']:>6.1%} "
       f"{ratio['PiSSA']:>18.1%}")
 assert round(ratio["T=1"], 3) == 0.921 and round(ratio["T=5"], 3) == 0.832
@@ -444,14 +446,14 @@ assert all(a < b for a, b in zip(loftq_loss["LoftQ T=5"], loftq_loss["QLoRA NF4"
 # %%
 def state_nbytes(opt):
     """Bytes of every array in the optimizer's state, each counted once (the 8-bit maps are shared)."""
-    arrays = {id(a): a for st in opt.state.values() for a in st.values() if isinstance(a, np.ndarray)}
+    arrays = {id(a): a for st in opt.state.values() for a in st.values() if hasattr(a, "nbytes")}
     return sum(a.nbytes for a in arrays.values())
 
 
 w_host = rng.standard_normal((1024, 1024)).astype(np.float32)
 state_bytes = {}
 for cls in (AdamW, AdamW8bit):
-    p = Parameter(w_host.copy())
+    p = Parameter(asarray(w_host.copy()))                                  # (1024, 1024) on the backend
     opt = cls([p], lr=1e-3)
     p.grad = np.ones_like(p.data)
     opt.step()
@@ -486,7 +488,8 @@ signed, unsigned = create_dynamic_map(signed=True), create_dynamic_map(signed=Fa
 err = {"m": [0.0, 0.0], "v": [0.0, 0.0]}                                       # sum |x̂ - x|, sum |x|
 for st in runs["AdamW"]["opt"].state.values():
     for key, qmap, x32 in (("m", signed, st["exp_avg"]), ("v", unsigned, st["exp_avg_sq"])):
-        codes, amax = np.empty(x32.shape, np.uint8), np.empty(-(-x32.size // 256), np.float32)
+        xp = get_array_module(x32)                                             # where the state lives
+        codes, amax = xp.empty(x32.shape, xp.uint8), xp.empty(-(-x32.size // 256), xp.float32)
         quantize_blocks_lut(x32, qmap, 256, codes, amax)
         back = dequantize_blocks(codes, amax, qmap, 256)
         err[key][0] += float(np.abs(back - x32.ravel()).sum())
@@ -527,13 +530,13 @@ assert round(runs["AdamW8bit"]["state"] / n_train, 2) == 2.04
 # %%
 small = [rng.standard_normal((256, 512)).astype(np.float32) for _ in range(2)]
 grads = [[rng.standard_normal(w.shape).astype(np.float32) for w in small] for _ in range(5)]
-p_ref, p_pag = [Parameter(w.copy()) for w in small], [Parameter(w.copy()) for w in small]
+p_ref, p_pag = [Parameter(asarray(w.copy())) for w in small], [Parameter(asarray(w.copy())) for w in small]
 o_ref = AdamW8bit(p_ref, lr=1e-2)
 tight = PagedPool(budget_bytes=384 * 1024, page_size=64 * 1024)            # room for one parameter's states
 o_pag = PagedAdamW8bit(p_pag, lr=1e-2, pool=tight)
 for g_step in grads:
     for p, q, g in zip(p_ref, p_pag, g_step, strict=True):
-        p.grad, q.grad = g.copy(), g.copy()
+        p.grad, q.grad = asarray(g.copy()), asarray(g.copy())
     o_ref.step()
     o_pag.step()
     tight.evict_all()
