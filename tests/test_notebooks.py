@@ -56,11 +56,32 @@ def test_notebook_runs_top_to_bottom(path):
     assert elapsed < 180, f"{path.name} took {elapsed:.0f} s; a notebook must run in about a minute"
 
 
+# Run first in the strict kernel: numpy.asarray / array / asanyarray of a strict array raise, as CuPy's implicit
+# conversion does. The backend alone cannot see these (an ndarray subclass is an ndarray to NumPy), so without this a
+# notebook could hand device arrays to matplotlib or np.asarray and still pass.
+REFUSE_IMPLICIT_CONVERSION = """
+import numpy as _np
+from minilora.backend import StrictArray as _StrictArray
+
+def _refusing(convert):
+    def call(a, *args, **kwargs):
+        if isinstance(a, _StrictArray):
+            raise TypeError(f"numpy.{convert.__name__} of a device array: CuPy refuses implicit conversion; "
+                            "take it out with minilora.backend.to_numpy")
+        return convert(a, *args, **kwargs)
+    return call
+
+_np.asarray, _np.array, _np.asanyarray = map(_refusing, (_np.asarray, _np.array, _np.asanyarray))
+"""
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_on_the_strict_backend(path):
     """The same notebook, executed (not saved) with MINILORA_BACKEND=numpy-strict: a host array meeting a library
-    array anywhere raises TypeError, as it would on CuPy. Its asserts on stated numbers must hold there too."""
+    array anywhere raises TypeError, as it would on CuPy, and so does numpy.asarray(device array). Its asserts on
+    stated numbers must hold there too."""
     nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(REFUSE_IMPLICIT_CONVERSION))
     env = dict(_builder().kernel_env(), MINILORA_BACKEND="numpy-strict")
     before = _figures_snapshot()
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",

@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora
-from minilora.backend import default_rng
+from minilora.backend import asarray, default_rng, to_numpy
 from minilora.data import LN2, load_corpus
 from minilora.optim import AdamW, get_constant_schedule_with_warmup
 from minilora.peft import LoraConfig, get_peft_model
@@ -58,7 +58,9 @@ T_START = time.perf_counter()
 # unchanged, but the change of the layer, $s\,B A$, doubles. So under Adam, $\alpha$ acts like a learning-rate
 # multiplier for the adapter (the LoRA paper says as much in §4.1). We check this on the shipped base: one step
 # with $\alpha = 16$, one with $\alpha = 32$, everything else equal, and compare $\lVert\Delta W\rVert$ of the
-# first attention projection.
+# first attention projection. The model's arrays live on minilora's backend (device memory on a GPU): what the
+# notebook measures with host NumPy comes out through `to_numpy`, and host batches go in through `asarray`
+# (notebook 09 and docs/backends.md).
 
 # %%
 base, meta = load_base()
@@ -76,7 +78,7 @@ def one_step_delta(alpha):
     opt = AdamW(model.named_parameters(), lr=1e-3, weight_decay=0.0)
     train(model, opt, get_code_batch, max_steps=1, seed=SEED, progress=False)
     layer = dict(model.named_modules())[LAYER]
-    return np.asarray(layer.get_delta_weight("default"))                       # (3C, C) = s * B @ A
+    return to_numpy(layer.get_delta_weight("default"))                         # (3C, C) = s * B @ A
 
 
 d16, d32 = one_step_delta(16), one_step_delta(32)
@@ -136,7 +138,7 @@ def per_window_bits(model, batches):
     model.eval()
     out = []
     for x, y in batches:
-        logits = np.asarray(model(x)[0], dtype=np.float64)                          # (b, T, 256)
+        logits = to_numpy(model(asarray(x))[0]).astype(np.float64)                 # (b, T, 256) on the host
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         out.append(-np.take_along_axis(logp, y[..., None], -1)[..., 0].mean(1))     # (b,)
