@@ -49,7 +49,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(int(t) for t in (_threads or "1
 import numpy as np  # noqa: E402
 
 from minilora.nn import functional as F  # noqa: E402
-from minilora.optim.adamw import adamw_update  # noqa: E402
+from minilora.nn.parameter import Parameter  # noqa: E402
+from minilora.optim import AdamW  # noqa: E402
 from minilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from minilora.threads import blas_info, get_num_threads, set_num_threads  # noqa: E402
 
@@ -217,29 +218,22 @@ def build_ops(torch):
     ops["embedding scatter (dW)"] = (emb, temb, "np.add.at", "embedding_dense_backward")
 
     # AdamW
-    def adam_case(shapes):
-        ps = [f32(*s) for s in shapes]
-        gs = [f32(*s) for s in shapes]
-        ms = [np.zeros_like(p) for p in ps]
-        vs = [np.zeros_like(p) for p in ps]
-        tps = [torch.nn.Parameter(tt(p.copy())) for p in ps]
-        for p, g in zip(tps, gs, strict=True):
-            p.grad = tt(g)
-        opt = torch.optim.AdamW(tps, lr=1e-4, weight_decay=0.0)
-        state = {"t": 0}
-
-        def ours():
-            state["t"] += 1
-            for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
-                adamw_update(p, g, m, v, state["t"], 1e-4, 0.9, 0.999, 1e-8, 0.0)
-        return ours, opt.step
+    def adam_case(shapes):   # each library's optimizer object, as a training step runs it
+        ps = [Parameter(f32(*s)) for s in shapes]
+        for p in ps:
+            p.grad = f32(*p.data.shape)
+        tps = [torch.nn.Parameter(tt(p.data.copy())) for p in ps]
+        for p, q in zip(tps, ps, strict=True):
+            p.grad = tt(q.grad)
+        ours = AdamW(ps, lr=1e-4, weight_decay=0.0)
+        return ours.step, torch.optim.AdamW(tps, lr=1e-4, weight_decay=0.0).step
     full_shapes = [(o, i) for i, o in LINEARS] * L + [(o,) for _, o in LINEARS] * L + [(V, C), (T, C)] + \
         [(C,)] * (4 * L + 2)
     lora_shapes = [s for i, o in LORA_LINEARS for s in ((R, i), (o, R))] * L
     a, b = adam_case(full_shapes)
-    ops["AdamW (full: all weights)"] = (a, b, simd, "torch AdamW (foreach)")
+    ops["AdamW (full: all weights)"] = (a, b, simd, "torch AdamW (single-tensor CPU loop)")
     a, b = adam_case(lora_shapes)
-    ops["AdamW (LoRA: adapters)"] = (a, b, simd, "torch AdamW (foreach)")
+    ops["AdamW (LoRA: adapters)"] = (a, b, simd, "torch AdamW (single-tensor CPU loop)")
 
     # the LoRA branch
     lb = [(f32(N, i), f32(R, i, s=0.02), f32(o, R, s=0.02), f32(N, o)) for i, o in LORA_LINEARS] * L
