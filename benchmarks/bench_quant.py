@@ -19,7 +19,6 @@ minilora; dequantize splits its chunks over threads above 2M values. OpenBLAS is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -38,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from minilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from minilora.quant.reference import dequantize_4bit_reference, quantize_4bit_reference  # noqa: E402
-from minilora.threads import blas_info, get_num_threads, set_num_threads  # noqa: E402
+from minilora.threads import blas_info, get_num_threads, limit_threads, set_num_threads  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -125,17 +124,6 @@ def peak_extra(fn, outputs_nbytes):
     return peak - outputs_nbytes
 
 
-@contextlib.contextmanager
-def one_thread():
-    """set_num_threads(1) for a block (dequantize_4bit follows it), restoring the previous count after."""
-    before = get_num_threads()
-    set_num_threads(1)
-    try:
-        yield
-    finally:
-        set_num_threads(before)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16 * 1024 * 1024)
@@ -209,7 +197,7 @@ def main(argv=None) -> int:
               f"{nbytes / t_ours / 1e9:>6.2f} {t_bnb / t_ours:>6.2f}x {nbytes / t_ours / bw:>6.1%}")
 
     p, st = quantize_4bit(xw, 64, "nf4", False)
-    with one_thread():
+    with limit_threads(1):
         stages = dequantize_stages(p, st, args.rounds)
     print("\nwhere one thread's dequantize (no DQ) spends its time, ms (each stage timed over the whole tensor):")
     for name, ms in stages:

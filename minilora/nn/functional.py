@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from minilora.backend import get_array_module
+from minilora.backend import flat_chunks, get_array_module
 
 # ---------------------------------------------------------------------------------------------------------------
 # Linear: y = x Wᵀ + b
@@ -131,8 +131,8 @@ def gelu_forward(x):
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x)                    # (N, C)  flat views below must alias it
     s, y = xp.empty_like(x), xp.empty_like(x)      # (N, C) each
-    for xc, sc, yc in _chunks(xp, x, s, y):        # (k,) flat pieces of x, s, y
-        xp.multiply(xc, xc, out=sc)
+    for xc, sc, yc in flat_chunks(GELU_CHUNK, x, s, y):   # (k,) flat pieces of x, s, y
+        xp.multiply(xc, xc, out=sc)                # (k,)  x²
         sc *= -2.0 * _GELU_K * _GELU_C
         sc -= 2.0 * _GELU_K
         sc *= xc                                   # (k,)  −2u
@@ -151,8 +151,8 @@ def gelu_backward(dy, cache):
     x, s = cache
     xp = get_array_module(x)
     g = xp.empty_like(x)                           # (N, C)
-    for dyc, xc, sc, gc in _chunks(xp, xp.ascontiguousarray(dy), x, s, g):   # (k,) flat pieces
-        xp.multiply(xc, xc, out=gc)
+    for dyc, xc, sc, gc in flat_chunks(GELU_CHUNK, xp.ascontiguousarray(dy), x, s, g):   # (k,) flat pieces
+        xp.multiply(xc, xc, out=gc)                # (k,)  x²
         gc *= 6.0 * _GELU_K * _GELU_C
         gc += 2.0 * _GELU_K                        # (k,)  dz/dx = 2k (1 + 3c x²)
         gc *= xc
@@ -164,15 +164,6 @@ def gelu_backward(dy, cache):
 
 
 GELU_CHUNK = 1 << 16   # values per pass on NumPy (256 KiB of float32 per array); CuPy runs each pass as one kernel
-
-
-def _chunks(xp, *arrays):
-    """Flat views of equally shaped C-contiguous arrays, GELU_CHUNK values at a time (all at once off NumPy)."""
-    flat = [a.reshape(-1) for a in arrays]
-    n = flat[0].size
-    step = GELU_CHUNK if xp.__name__ == "numpy" else max(n, 1)
-    for i in range(0, n, step):
-        yield [f[i:i + step] for f in flat]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ temporaries stay in cache; every step is elementwise, so the bits are those of o
 """
 from __future__ import annotations
 
-from minilora.backend import get_array_module
+from minilora.backend import flat_chunks, get_array_module
 from minilora.optim.adamw8bit import fma32
 from minilora.optim.optimizer import Optimizer, check_number
 
@@ -99,20 +99,12 @@ class AdamW(Optimizer):
     def update(self, p, g, state):
         b1, b2 = self.betas
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if not _chunked(p, m, v):
-            adamw_update(p, g, m, v, state["step"], self.lr, b1, b2, self.eps, self.weight_decay)
-            return
-        flat = [a.reshape(-1) for a in (p, g, m, v)]                          # (numel,) views (g may be a copy)
-        for s in range(0, p.size, CHUNK):   # elementwise, so chunk by chunk gives the same bits as one call
-            adamw_update(*(a[s:s + CHUNK] for a in flat), state["step"], self.lr, b1, b2, self.eps,
-                         self.weight_decay)
+        # Large NumPy parameters go CHUNK values at a time: elementwise, so the same bits as one call. A parameter
+        # whose flat view would be a copy (not C-contiguous) takes one call, or its update would be lost.
+        writable = all(a.flags.c_contiguous for a in (p, m, v))
+        for pc, gc, mc, vc in (flat_chunks(CHUNK, p, g, m, v) if writable else [(p, g, m, v)]):
+            adamw_update(pc, gc, mc, vc, state["step"], self.lr, b1, b2, self.eps, self.weight_decay)
 
 
 CHUNK = 1 << 15   # values per adamw_update call on NumPy: fma32's float64 temporaries then stay in L2 (3x faster
                   # over a 3.2M-parameter GPT than whole tensors at once); CuPy runs each op as one kernel instead
-
-
-def _chunked(p, m, v) -> bool:
-    """Whether to update p in chunks: large NumPy arrays whose flat views write through (C-contiguous)."""
-    return (get_array_module(p).__name__ == "numpy" and p.size > CHUNK
-            and all(a.flags.c_contiguous for a in (p, m, v)))
